@@ -1,0 +1,1 @@
+"""The Serve-side application: config, OpenAI protocol, model sources, and build_app()."""

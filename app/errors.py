@@ -1,0 +1,51 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's status codes."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error a client caused or must handle; carries its HTTP status and OpenAI error fields."""
+
+    status_code = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __reduce__(self):  # keeps param/code when crossing Ray process boundaries
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+
+def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | None) -> APIError:
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "service_unavailable"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Returns the original exception inside a Ray task error (``RayTaskError.cause``)."""
+    seen = 0
+    while hasattr(exc, "cause") and isinstance(exc.cause, BaseException) and seen < 8:
+        exc = exc.cause
+        seen += 1
+    return exc

@@ -1,0 +1,29 @@
+"""Typed messages between the Serve stages (pickled across DeploymentHandles)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmaas.deployments.engine import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    token_ids: list[int]
+    max_tokens: int  # what generation may use: the request's limit, or the rest of the context
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New token ids for one request; the last one carries finish_reason ('stop' | 'length')."""
+
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int

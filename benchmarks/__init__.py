@@ -1,0 +1,1 @@
+"""Benchmarks: scripts anyone can run (python -m llmaas.benchmarks.<name> --help)."""

@@ -1,0 +1,18 @@
+"""The inference engine: plain PyTorch + transformers, no Ray, FastAPI or pydantic.
+
+Shape after nano-vllm: sequence (one request's state), block_manager (KV blocks),
+scheduler (who runs this step), model_runner (tensors in, tokens out), model (our
+forward over the paged cache), sampler, llm_engine (the glue) and async_engine (an
+asyncio front for servers). Importable without installing llmaas: relative imports only.
+"""
+from .async_engine import AsyncLLMEngine, EngineDeadError
+from .config import EngineConfig
+from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
+from .model import SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from .sampling_params import SamplingParams
+from .sequence import FinishReason
+
+__all__ = [
+    "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
+    "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "UnsupportedModelError",
+]

@@ -1,0 +1,136 @@
+"""An asyncio front for LLMEngine: one background thread steps the engine.
+
+Callers ``async for`` over ``generate()``; token deltas arrive through a
+per-request asyncio.Queue. Adds and aborts are handed to the engine thread
+through a locked inbox and applied between steps, so the engine itself needs no
+locks. A consumer that lags gets its queued deltas merged into one, which keeps
+per-token message overhead off the hot path under load.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
+from .sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+def merge(outputs: list[StepOutput]) -> StepOutput:
+    """Folds consecutive deltas of one request into one."""
+    last = outputs[-1]
+    tokens = [t for o in outputs for t in o.new_token_ids]
+    return StepOutput(last.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox_add: list[tuple[str, list[int], SamplingParams]] = []
+        self._inbox_abort: list[str] = []
+        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.error: BaseException | None = None
+
+    # ----- asyncio side -----
+    def _ensure_started(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error!r}")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="llmaas-engine", daemon=True)
+            self._thread.start()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Streams token deltas until the request finishes; closing the iterator aborts it."""
+        self._ensure_started()
+        self.engine.validate(request_id, prompt_token_ids)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already streaming")
+        queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        with self._lock:
+            self._inbox_add.append((request_id, list(prompt_token_ids), params))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                out = merge(items)  # type: ignore[arg-type]
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox_abort.append(request_id)
+        self._wake.set()
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error!r}")
+        if self._thread is not None and not self._thread.is_alive() and not self._stopped:
+            raise EngineDeadError("engine loop thread is not running")
+
+    def stats(self) -> dict[str, float]:
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
+                "kv_cache_usage": self.engine.block_manager.usage}
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ----- engine thread -----
+    def _deliver(self, request_id: str, item: StepOutput | BaseException) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for queue in list(self._streams.values()):
+            queue.put_nowait(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        try:
+            while not self._stopped:
+                with self._lock:
+                    adds, self._inbox_add = self._inbox_add, []
+                    aborts, self._inbox_abort = self._inbox_abort, []
+                    self._wake.clear()
+                for request_id in aborts:
+                    self.engine.abort_request(request_id)
+                for request_id, prompt, params in adds:
+                    if request_id in aborts:
+                        continue
+                    try:
+                        self.engine.add_request(request_id, prompt, params)
+                    except InvalidRequestError as exc:  # raced a twin id: fail that stream, not the loop
+                        self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=1.0)
+                    continue
+                for out in self.engine.step():
+                    self._loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+        except BaseException as exc:  # the loop must never die silently: every stream gets the error
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, exc)

@@ -1,0 +1,38 @@
+"""Engine configuration: one frozen dataclass passed to every component."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Static engine settings, validated once in ``__post_init__``."""
+
+    max_model_len: int = 2048  # prompt + generated tokens per sequence; capped by the model's own limit
+    max_num_seqs: int = 64  # running sequences per step; bounds the padded attention batch
+    max_num_batched_tokens: int = 2048  # token budget per step: decodes first, then prefill chunks
+    block_size: int = 16  # tokens per KV block; 16 keeps tail waste small for short chats
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
+    kv_cache_memory_bytes: int = 1 << 30  # CPU default 1 GiB (~46k tokens for SmolLM2-135M fp32)
+    gpu_memory_utilization: float = 0.85  # on CUDA: KV cache takes this share of the memory left after weights
+    dtype: torch.dtype = torch.float32  # fp32 on CPU keeps greedy parity exact; bf16 for speed
+    device: str = "cpu"
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation ends on these unless ignore_eos
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode each step"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -1,0 +1,95 @@
+"""Our forward pass for the Llama family over the paged KV cache.
+
+Weights and the per-module math (RMSNorm, linear projections, SwiGLU MLP, rotary
+frequencies with the config's RoPE scaling) are the loaded transformers model's own
+modules; we own the layer loop, RoPE application on flat token rows, the KV cache
+writes and attention, so tokens of many sequences run in one flat batch
+(``[num_tokens, hidden]``) instead of a padded ``[B, S, hidden]``.
+
+References: Llama (Touvron et al., 2023), RoFormer (Su et al., 2021), vLLM's
+PagedAttention (Kwon et al., 2023), nano-vllm's flat-token model runner.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionMetadata, KVCache, paged_attention
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def check_supported(hf_model: nn.Module) -> None:
+    arch = type(hf_model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    rope = getattr(hf_model.config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "dynamic":
+        raise UnsupportedModelError("dynamic RoPE scaling is not supported (its frequencies depend on the batch)")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class CausalLM(nn.Module):
+    """Flat-token forward over a transformers Llama-family model's modules."""
+
+    def __init__(self, hf_model: nn.Module, max_model_len: int) -> None:
+        super().__init__()
+        check_supported(hf_model)
+        cfg = hf_model.config
+        self.hf_model = hf_model.eval()
+        self.config = cfg
+        self.layers = hf_model.model.layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.layers[0].self_attn.scaling
+        param = next(hf_model.parameters())
+        positions = torch.arange(max_model_len, device=param.device)[None]  # [1, max_len]
+        with torch.no_grad():
+            cos, sin = hf_model.model.rotary_emb(param, positions)  # [1, max_len, D] each
+        self.register_buffer("cos", cos[0], persistent=False)  # [max_len, D]
+        self.register_buffer("sin", sin[0], persistent=False)  # [max_len, D]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
+        h = self.hf_model.model.embed_tokens(input_ids)  # [T, hidden]
+        cos = self.cos[positions][:, None, :]  # [T, 1, D]
+        sin = self.sin[positions][:, None, :]  # [T, 1, D]
+        t = input_ids.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
+            k = attn.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv_cache.write(i, meta.slot_mapping, k, v)
+            o = paged_attention(q, kv_cache.k[i], kv_cache.v[i], meta, self.scale)  # [T, H * D]
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.hf_model.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in float32."""
+        return self.hf_model.lm_head(hidden).float()

@@ -1,0 +1,62 @@
+"""Per-row sampling inside one batch: greedy, temperature, top-k, top-p, seeds.
+
+Each row samples with its own parameters; a seeded row draws from its own
+``torch.Generator`` so its tokens do not depend on which other requests share the
+batch. Sampling uses the exponential-race form of the categorical draw
+(``argmax(p / E)``, E ~ Exp(1)), which equals multinomial sampling and vectorizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Masks logits outside each row's top-k and nucleus (top-p) sets with -inf.
+
+    Args:
+        logits: Shape: [B, V], already divided by temperature.
+        top_k: Shape: [B], long; V keeps everything.
+        top_p: Shape: [B], float; 1.0 keeps everything.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # [1, V]
+    drop = ranks >= top_k[:, None]  # [B, V]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V] mass of strictly better tokens
+    drop |= mass_before >= top_p[:, None]  # the top token always survives (mass_before = 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Samples one token per row.
+
+    Args:
+        logits: Shape: [B, V] float32.
+        params: B sampling parameter sets.
+        generators: B generators (None: the global RNG).
+    Returns:
+        Shape: [B] token ids.
+    """
+    tokens = logits.argmax(dim=-1)  # [B]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    device = logits.device
+    vocab = logits.shape[-1]
+    idx = torch.tensor(rows, device=device)
+    temps = torch.tensor([params[i].temperature for i in rows], device=device)  # [R]
+    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device)  # [R]
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device)  # [R]
+    scaled = logits[idx] / temps[:, None]  # [R, V]
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    probs = scaled.softmax(dim=-1)  # [R, V]
+    noise = torch.empty_like(probs)  # [R, V]
+    for j, i in enumerate(rows):
+        noise[j].exponential_(generator=generators[i])
+    tokens[idx] = (probs / noise).argmax(dim=-1)
+    return tokens

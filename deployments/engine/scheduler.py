@@ -1,0 +1,98 @@
+"""Iteration-level scheduling: who runs this step and with how many tokens. No torch here.
+
+Each step spends a token budget: running sequences first (oldest first, one token
+for a decode, a chunk for an unfinished prefill), then waiting sequences in FCFS
+order, whose prompts may be split into chunks across steps (chunked prefill), so a
+long prompt never stalls running streams. When KV blocks run out, the youngest
+running sequence is preempted: its blocks are freed and it is recomputed later
+(prompt plus the tokens it had generated), so no request fails on a full cache.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens each sequence feeds through the model this step
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in arrival order, oldest first
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Removes the request wherever it is and frees its blocks at once."""
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.block_manager.deallocate(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        # Running sequences, oldest first; victims of preemption come from the young end.
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            num = min(seq.num_pending_tokens, budget)
+            while not self.block_manager.can_allocate(seq, num):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num)
+                budget -= num
+        # Waiting sequences, strictly FCFS: the head blocks the rest until it fits.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num = min(seq.num_pending_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num)
+            budget -= num
+        self.running.sort(key=lambda s: s.arrival)
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        # Back to the head of the queue: it keeps its place ahead of newer arrivals.
+        self.waiting.appendleft(seq)
