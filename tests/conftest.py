@@ -1,0 +1,25 @@
+"""Shared fixtures: the default model's cached checkpoint (converted once per machine)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # lets tests import tests.models
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from llmaas.app.model_source import default_model_dir as resolve
+
+    return resolve(Path.home() / ".cache" / "llmaas")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)

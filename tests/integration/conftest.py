@@ -1,0 +1,68 @@
+"""One Ray instance and one Serve app per test session: the real graph, real HTTP, a tiny chat model."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.models import save_tiny_chat_model
+
+APP = "llmaas"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    # Logical CPUs: the stages ask for fractions, and two apps (tiny + default model) share the box.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app_args(tiny_chat_dir) -> dict:
+    return {"model": {"source": str(tiny_chat_dir), "served_name": "tiny-chat"},
+            "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05}}
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster, app_args):
+    """The app exactly as serve_config.yaml builds it (its import_path), with the tiny model as args."""
+    import yaml
+    from ray import serve
+    from ray.serve._private.utils import import_attr
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    spec = config["applications"][0]
+    builder = import_attr(spec["import_path"])
+    handle = serve.run(builder(app_args), name=APP, route_prefix="/")
+    return handle
+
+
+@pytest.fixture(scope="session")
+def base_url(ray_cluster, serve_app) -> str:
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)

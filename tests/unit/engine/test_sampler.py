@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmaas.deployments.engine.sampler import apply_top_k_top_p, sample
+from llmaas.deployments.engine.sampling_params import SamplingParams
+
+
+def logits_rows(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.0, top_k=1),
+    SamplingParams(temperature=2.0, top_p=1e-6),
+])
+def test_degenerate_settings_are_greedy(params):
+    logits = logits_rows()
+    got = sample(logits.clone(), [params] * 4, [None] * 4)
+    torch.testing.assert_close(got, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_k_keeps_exactly_k(k):
+    logits = logits_rows()
+    out = apply_top_k_top_p(logits, torch.full((4,), k), torch.ones(4))
+    assert (out > float("-inf")).sum(-1).tolist() == [k] * 4
+    kept = out > float("-inf")
+    assert torch.equal(kept, logits >= logits.topk(k, -1).values[:, -1:])
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.7]))
+    assert (out > float("-inf")).tolist() == [[True, True, False, False]]
+
+
+def test_samples_stay_inside_top_k():
+    logits = logits_rows(rows=1, vocab=100)
+    allowed = set(logits.topk(5, -1).indices[0].tolist())
+    params = [SamplingParams(temperature=1.5, top_k=5)]
+    for i in range(200):
+        assert sample(logits.clone(), params, [torch.Generator().manual_seed(i)]).item() in allowed
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log()[None]
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample(logits.clone(), [SamplingParams(temperature=1.0)], [gen]).item() for _ in range(3000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=3).float() / 3000
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)

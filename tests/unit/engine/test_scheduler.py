@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from llmaas.deployments.engine.block_manager import BlockManager
+from llmaas.deployments.engine.config import EngineConfig
+from llmaas.deployments.engine.sampling_params import SamplingParams
+from llmaas.deployments.engine.scheduler import Scheduler
+from llmaas.deployments.engine.sequence import Sequence, SequenceStatus
+
+
+def make(num_blocks=16, block_size=4, budget=32, max_seqs=4) -> Scheduler:
+    cfg = EngineConfig(max_model_len=64, num_kv_blocks=num_blocks, block_size=block_size,
+                       max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    return Scheduler(cfg, BlockManager(num_blocks, block_size))
+
+
+def add(s: Scheduler, n_prompt: int, arrival: int) -> Sequence:
+    seq = Sequence(str(arrival), list(range(n_prompt)), SamplingParams(), arrival=arrival)
+    s.add(seq)
+    return seq
+
+
+def run(s: Scheduler, batch) -> None:
+    """Pretends the model ran: marks tokens computed and appends one sampled token when a prefill completes."""
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(0)
+
+
+@pytest.mark.parametrize("prompts, budget, expected", [
+    ([10, 10], 32, [10, 10]),  # both prompts fit the budget
+    ([30, 10], 32, [30, 2]),  # second prompt chunked
+    ([40], 32, [32]),  # a long prompt is chunked
+    ([5, 5, 5, 5, 5], 32, [5, 5, 5, 5]),  # max_num_seqs caps admissions
+])
+def test_first_step_budget(prompts, budget, expected):
+    s = make(budget=budget)
+    for i, n in enumerate(prompts):
+        add(s, n, i)
+    assert s.schedule().num_new_tokens == expected
+
+
+def test_running_decodes_go_before_new_prefills():
+    s = make(budget=8)
+    a = add(s, 4, 0)
+    run(s, s.schedule())
+    add(s, 20, 1)
+    batch = s.schedule()
+    assert batch.seqs[0] is a and batch.num_new_tokens == [1, 7]
+
+
+def test_waiting_head_blocks_fcfs_when_cache_is_short():
+    s = make(num_blocks=4, block_size=4, budget=64)
+    add(s, 12, 0)
+    add(s, 8, 1)
+    add(s, 2, 2)
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["0"]  # "1" needs 2 blocks, 1 is free; "2" waits behind it
+
+
+def test_youngest_is_preempted_and_requeued_first():
+    s = make(num_blocks=4, block_size=4, budget=64)
+    old = add(s, 8, 0)
+    young = add(s, 8, 1)
+    run(s, s.schedule())  # both prefilled: 8 tokens each => 2 blocks each, cache full
+    batch = s.schedule()  # old needs a third block for its 9th token
+    assert batch.seqs == [old]
+    assert young.status is SequenceStatus.WAITING and young.num_preemptions == 1
+    assert young.block_table == [] and young.num_computed_tokens == 0
+    assert s.waiting[0] is young
+
+
+def test_abort_removes_from_either_queue():
+    s = make()
+    a = add(s, 4, 0)
+    s.schedule()
+    b = add(s, 4, 1)
+    assert s.abort("1") is b and s.abort("0") is a
+    assert not s.has_unfinished() and s.block_manager.num_free_blocks == 16
+    assert s.abort("0") is None
