@@ -8,11 +8,12 @@ asyncio front for servers). Importable without installing llmaas: relative impor
 from .async_engine import AsyncLLMEngine, EngineDeadError
 from .config import EngineConfig
 from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
+from .lora import AdapterError
 from .model import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 from .sampling_params import SamplingParams
 from .sequence import FinishReason
 
 __all__ = [
-    "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
+    "AdapterError", "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
     "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "UnsupportedModelError",
 ]

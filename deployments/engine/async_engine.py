@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
 from .sampling_params import SamplingParams
+
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -32,8 +36,9 @@ class AsyncLLMEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._inbox_add: list[tuple[str, list[int], SamplingParams]] = []
+        self._inbox_add: list[tuple[str, list[int], SamplingParams, str | None]] = []
         self._inbox_abort: list[str] = []
+        self._inbox_calls: list[tuple[Callable[[], Any], asyncio.Future]] = []
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -49,17 +54,26 @@ class AsyncLLMEngine:
             self._thread = threading.Thread(target=self._run, name="llmaas-engine", daemon=True)
             self._thread.start()
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the engine thread between two steps (e.g. ``lambda: engine.add_lora(...)``)."""
+        self._ensure_started()
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._inbox_calls.append((fn, future))
+        self._wake.set()
+        return await future
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[StepOutput]:
+                       params: SamplingParams, lora: str | None = None) -> AsyncIterator[StepOutput]:
         """Streams token deltas until the request finishes; closing the iterator aborts it."""
         self._ensure_started()
-        self.engine.validate(request_id, prompt_token_ids)
+        self.engine.validate(request_id, prompt_token_ids, lora)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
         with self._lock:
-            self._inbox_add.append((request_id, list(prompt_token_ids), params))
+            self._inbox_add.append((request_id, list(prompt_token_ids), params, lora))
         self._wake.set()
         finished = False
         try:
@@ -109,6 +123,15 @@ class AsyncLLMEngine:
         for queue in list(self._streams.values()):
             queue.put_nowait(EngineDeadError(f"engine loop died: {exc!r}"))
 
+    def _run_call(self, fn: Callable[[], Any], future: asyncio.Future) -> None:
+        assert self._loop is not None
+        try:
+            result = fn()
+        except Exception as exc:  # the caller's problem (bad adapter, ...), never the loop's
+            self._loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, future, result, None)
+
     def _run(self) -> None:
         assert self._loop is not None
         try:
@@ -116,14 +139,17 @@ class AsyncLLMEngine:
                 with self._lock:
                     adds, self._inbox_add = self._inbox_add, []
                     aborts, self._inbox_abort = self._inbox_abort, []
+                    calls, self._inbox_calls = self._inbox_calls, []
                     self._wake.clear()
+                for fn, future in calls:
+                    self._run_call(fn, future)
                 for request_id in aborts:
                     self.engine.abort_request(request_id)
-                for request_id, prompt, params in adds:
+                for request_id, prompt, params, lora in adds:
                     if request_id in aborts:
                         continue
                     try:
-                        self.engine.add_request(request_id, prompt, params)
+                        self.engine.add_request(request_id, prompt, params, lora)
                     except InvalidRequestError as exc:  # raced a twin id: fail that stream, not the loop
                         self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
                 if not self.engine.has_unfinished():
@@ -134,3 +160,12 @@ class AsyncLLMEngine:
         except BaseException as exc:  # the loop must never die silently: every stream gets the error
             self.error = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -20,6 +20,8 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32  # fp32 on CPU keeps greedy parity exact; bf16 for speed
     device: str = "cpu"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation ends on these unless ignore_eos
+    max_loras: int = 8  # adapter slots resident at once (distinct adapters in one batch)
+    max_lora_rank: int = 16  # slots are rank-padded to this; 8 slots x r16 ~ 160 MB for SmolLM2-135M in fp32
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
@@ -34,5 +36,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

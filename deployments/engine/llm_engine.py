@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .block_manager import BlockManager
+from .lora import AdapterError, AdapterWeights, load_peft_adapter
 from .config import EngineConfig
 from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
@@ -52,13 +53,41 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model, num_blocks)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self._adapters: dict[str, AdapterWeights] = {}  # registered adapters (host copies), by name
 
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
-    def validate(self, request_id: str, prompt_token_ids: list[int]) -> None:
+    # ----- adapters -----
+    def add_lora(self, name: str, path: str) -> None:
+        """Registers a PEFT LoRA directory under ``name`` (loaded into a slot when a request first uses it)."""
+        if not self.config.max_loras:
+            raise AdapterError("this engine was built with max_loras=0")
+        adapter = load_peft_adapter(path, name, self.model.num_layers, self.config.max_lora_rank)
+        for (_layer, module), (a, b) in adapter.weights.items():
+            want_in, want_out = self.model.projection_shapes()[module]
+            if a.shape[1] != want_in or b.shape[0] != want_out:
+                raise AdapterError(f"{path}: {module} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base "
+                                   f"model ({want_in} -> {want_out}); was it trained on another base model?")
+        self._adapters[name] = AdapterWeights(
+            name, adapter.rank, adapter.scale,
+            {k: (a.to(self.config.dtype), b.to(self.config.dtype)) for k, (a, b) in adapter.weights.items()})
+
+    def remove_lora(self, name: str) -> bool:
+        """Forgets an adapter; refused (False) while a queued or running request uses it."""
+        if any(s.lora == name for s in self._seqs.values()):
+            return False
+        self.scheduler.slots.evict(name)
+        return self._adapters.pop(name, None) is not None
+
+    def has_lora(self, name: str) -> bool:
+        return name in self._adapters
+
+    def validate(self, request_id: str, prompt_token_ids: list[int], lora: str | None = None) -> None:
         """Raises InvalidRequestError for input the engine cannot run."""
+        if lora is not None and lora not in self._adapters:
+            raise InvalidRequestError(f"adapter {lora!r} is not loaded")
         if not prompt_token_ids:
             raise InvalidRequestError("prompt is empty: at least one token is needed")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -69,9 +98,10 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.validate(request_id, prompt_token_ids)
-        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    lora: str | None = None) -> None:
+        self.validate(request_id, prompt_token_ids, lora)
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), lora=lora)
         self._seqs[request_id] = seq
         self.runner.add_generator(seq)
         self.scheduler.add(seq)
@@ -99,6 +129,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        for slot, name in batch.lora_loads:
+            self.runner.load_lora(slot, self._adapters[name])
         sampled = self.runner.run(batch)
         return [self._postprocess(batch.seqs[row], token) for row, token in sampled.items()]
 
@@ -119,12 +151,13 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         self.runner.drop_generator(seq.request_id)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 loras: list[str | None] | None = None) -> list[list[int]]:
         """Offline convenience: runs the prompts to completion, returns generated ids in input order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{next(self._arrivals)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, lora in zip(ids, prompts, params_list, loras or [None] * len(prompts)):
+            self.add_request(rid, prompt, p, lora)
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():

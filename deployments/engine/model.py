@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMetadata, KVCache, paged_attention
+from .lora import LoRABatch, LoRAPool
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -59,6 +60,13 @@ class CausalLM(nn.Module):
         self.register_buffer("cos", cos[0], persistent=False)  # [max_len, D]
         self.register_buffer("sin", sin[0], persistent=False)  # [max_len, D]
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each LoRA-targetable projection."""
+        layer = self.layers[0]
+        mods = {n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        mods |= {n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}
+        return {n: (m.in_features, m.out_features) for n, m in mods.items()}
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -69,24 +77,32 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache) -> torch.Tensor:
+                kv_cache: KVCache, lora: LoRABatch | None = None, pool: LoRAPool | None = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         h = self.hf_model.model.embed_tokens(input_ids)  # [T, hidden]
         cos = self.cos[positions][:, None, :]  # [T, 1, D]
         sin = self.sin[positions][:, None, :]  # [T, 1, D]
         t = input_ids.shape[0]
+        use_lora = lora is not None and pool is not None and bool(lora.segments)
+
+        def proj(module: nn.Linear, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+            y = module(x)
+            return pool.apply(y, x, layer, name, lora) if use_lora else y
+
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
-            k = attn.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
-            v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            q = proj(attn.q_proj, x, i, "q_proj").view(t, self.num_heads, self.head_dim)  # [T, H, D]
+            k = proj(attn.k_proj, x, i, "k_proj").view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            v = proj(attn.v_proj, x, i, "v_proj").view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv_cache.write(i, meta.slot_mapping, k, v)
             o = paged_attention(q, kv_cache.k[i], kv_cache.v[i], meta, self.scale)  # [T, H * D]
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + proj(attn.o_proj, o, i, "o_proj")
+            x = layer.post_attention_layernorm(h)
+            gated = mlp.act_fn(proj(mlp.gate_proj, x, i, "gate_proj")) * proj(mlp.up_proj, x, i, "up_proj")
+            h = h + proj(mlp.down_proj, gated, i, "down_proj")
         return self.hf_model.model.norm(h)
 
     @torch.inference_mode()

@@ -5,6 +5,7 @@ import torch
 
 from .attention import KVCache, build_metadata
 from .config import EngineConfig
+from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
 from .sampler import sample
 from .scheduler import ScheduledBatch
@@ -31,6 +32,12 @@ class ModelRunner:
         self.kv_cache = KVCache(model.num_layers, num_blocks * config.block_size, model.num_kv_heads,
                                 model.head_dim, config.dtype, config.device)
         self._generators: dict[str, torch.Generator] = {}
+        self.lora_pool = LoRAPool(config.max_loras, config.max_lora_rank, model.num_layers,
+                                  model.projection_shapes(), config.dtype, config.device) if config.max_loras else None
+
+    def load_lora(self, slot: int, adapter: AdapterWeights) -> None:
+        assert self.lora_pool is not None
+        self.lora_pool.write(slot, adapter)
 
     def add_generator(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
@@ -44,27 +51,37 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
         """Runs one step. Returns {batch row: sampled token} for rows whose pending tokens all ran."""
         device = self.config.device
-        starts = [seq.num_computed_tokens for seq in batch.seqs]
+        # Rows grouped by adapter slot, so each adapter's tokens form one contiguous segment.
+        order = sorted(range(len(batch)), key=lambda r: -1 if batch.seqs[r].lora_slot is None
+                       else batch.seqs[r].lora_slot)
+        seqs = [batch.seqs[r] for r in order]
+        nums = [batch.num_new_tokens[r] for r in order]
+        starts = [seq.num_computed_tokens for seq in seqs]
         ids: list[int] = []
         positions: list[int] = []
+        segments: list[tuple[int, int, int]] = []
         sample_rows: list[int] = []
         last_token: list[int] = []  # flat index of each sampling row's last token
-        for row, (seq, start, num) in enumerate(zip(batch.seqs, starts, batch.num_new_tokens)):
+        for row, seq, start, num in zip(order, seqs, starts, nums):
+            if seq.lora_slot is not None:
+                if segments and segments[-1][2] == seq.lora_slot:
+                    segments[-1] = (segments[-1][0], len(ids) + num, seq.lora_slot)
+                else:
+                    segments.append((len(ids), len(ids) + num, seq.lora_slot))
             ids.extend(seq.token_ids()[start:start + num])
             positions.extend(range(start, start + num))
             if start + num == seq.num_tokens:
                 sample_rows.append(row)
                 last_token.append(len(ids) - 1)
-        meta = build_metadata(starts, batch.num_new_tokens, [s.block_table for s in batch.seqs],
-                              self.config.block_size, device)
+        meta = build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
-        hidden = self.model(input_ids, pos, meta, self.kv_cache)  # [T, hidden]
-        for seq, num in zip(batch.seqs, batch.num_new_tokens):
+        hidden = self.model(input_ids, pos, meta, self.kv_cache, LoRABatch(segments), self.lora_pool)  # [T, hidden]
+        for seq, num in zip(seqs, nums):
             seq.num_computed_tokens += num
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V]
-        seqs = [batch.seqs[r] for r in sample_rows]
-        tokens = sample(logits, [s.params for s in seqs], [self._generators.get(s.request_id) for s in seqs])
+        sampled = [batch.seqs[r] for r in sample_rows]
+        tokens = sample(logits, [s.params for s in sampled], [self._generators.get(s.request_id) for s in sampled])
         return dict(zip(sample_rows, tokens.tolist()))

@@ -10,10 +10,11 @@ running sequence is preempted: its blocks are freed and it is recomputed later
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .lora import SlotTable
 from .sequence import Sequence, SequenceStatus
 
 
@@ -21,15 +22,17 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence feeds through the model this step
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter) to write before running
 
     def __len__(self) -> int:
         return len(self.seqs)
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, slots: SlotTable | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.slots = slots or SlotTable(config.max_loras)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order, oldest first
 
@@ -45,15 +48,21 @@ class Scheduler:
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self.block_manager.deallocate(seq)
+                    self._free(seq)
                     seq.status = SequenceStatus.FINISHED
                     return seq
         return None
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.deallocate(seq)
+        self._free(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        if seq.lora_slot is not None:
+            self.slots.release(seq.lora)
+            seq.lora_slot = None
 
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
@@ -79,6 +88,12 @@ class Scheduler:
             num = min(seq.num_pending_tokens, budget)
             if not self.block_manager.can_allocate(seq, num):
                 break
+            if seq.lora is not None:
+                if not self.slots.can_acquire(seq.lora):
+                    break  # every slot is pinned by running adapters: wait for one to drain
+                seq.lora_slot, needs_load = self.slots.acquire(seq.lora)
+                if needs_load:
+                    batch.lora_loads.append((seq.lora_slot, seq.lora))
             self.waiting.popleft()
             self.block_manager.allocate(seq, num)
             seq.status = SequenceStatus.RUNNING
@@ -91,7 +106,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.deallocate(seq)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         # Back to the head of the queue: it keeps its place ahead of newer arrivals.

@@ -33,6 +33,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in position order
     num_preemptions: int = 0
+    lora: str | None = None  # adapter name; None runs the base model
+    lora_slot: int | None = None  # pool slot while running with an adapter
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,170 @@
+"""Multi-LoRA: PEFT adapters loaded into a fixed pool of slots, mixed in one batch.
+
+LoRA (Hu et al., 2021): ``h = W0 x + (alpha / r) B A x``. Serving many adapters at once
+follows S-LoRA (Sheng et al., 2023) and Punica (Chen et al., 2023): the batch is
+ordered by adapter so each adapter owns a contiguous segment of token rows, and the
+delta is a segmented matmul
+
+    y[s[i]:s[i+1]] += (x[s[i]:s[i+1]] @ A[slot[i]].T @ B[slot[i]].T) * scale[slot[i]]
+
+Rows without an adapter are simply not in any segment. Adapter weights live in
+preallocated ``[num_slots, max_rank, ...]`` buffers (rank-padded with zeros, which adds
+nothing); ``SlotTable`` keeps the books (resident adapters, pins, LRU) without torch.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served here (format, rank, targets, base model)."""
+
+
+@dataclass(slots=True)
+class AdapterWeights:
+    name: str
+    rank: int
+    scale: float  # alpha / r (or alpha / sqrt(r) with rsLoRA)
+    # (layer, module) -> (A [r, in], B [out, r])
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: int) -> AdapterWeights:
+    """Reads a PEFT LoRA directory: adapter_config.json + adapter_model.safetensors (never pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise AdapterError(f"{path}: adapter_config.json is missing (expected a PEFT LoRA directory)")
+    if not weights_file.is_file():
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise AdapterError(f"{path}: only adapter_model.safetensors is loaded; pickle (.bin/.pt) is refused")
+        raise AdapterError(f"{path}: adapter_model.safetensors is missing")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if cfg.get(key) == bad:
+            raise AdapterError(f"{path}: {key}={bad} is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise AdapterError(f"{path}: LoRA bias and modules_to_save are not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdapterError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
+    rank = int(cfg["r"])
+    if rank > max_rank:
+        raise AdapterError(f"{path}: rank {rank} exceeds this engine's max_lora_rank {max_rank}")
+    alpha = float(cfg.get("lora_alpha", rank))
+    scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
+    tensors = load_file(str(weights_file))
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        parts = key.split(".")
+        module = parts[parts.index("lora_A") - 1]
+        if module not in SUPPORTED_MODULES:
+            raise AdapterError(f"{path}: target module {module!r} is not supported; use {', '.join(SUPPORTED_MODULES)}")
+        layer = int(parts[parts.index("layers") + 1])
+        if layer >= num_layers:
+            raise AdapterError(f"{path}: layer {layer} does not exist in the base model ({num_layers} layers)")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise AdapterError(f"{path}: {key} has no matching lora_B")
+        weights[(layer, module)] = (a, b)
+    if not weights:
+        raise AdapterError(f"{path}: no LoRA weights found in adapter_model.safetensors")
+    return AdapterWeights(name, rank, scale, weights)
+
+
+class SlotTable:
+    """Which adapter sits in which slot; pinned slots (used by running sequences) are never evicted."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
+        self._pins: dict[str, int] = {}
+        self._free = list(range(num_slots))
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slot_of.get(name)
+
+    def can_acquire(self, name: str) -> bool:
+        return name in self._slot_of or bool(self._free) or any(
+            self._pins.get(n, 0) == 0 for n in self._slot_of)
+
+    def acquire(self, name: str) -> tuple[int, bool]:
+        """Pins ``name``; returns (slot, whether its weights must be written to the slot)."""
+        needs_load = name not in self._slot_of
+        if needs_load:
+            if not self._free:
+                victim = next(n for n in self._slot_of if self._pins.get(n, 0) == 0)
+                self._free.append(self._slot_of.pop(victim))
+            self._slot_of[name] = self._free.pop()
+        self._slot_of.move_to_end(name)
+        self._pins[name] = self._pins.get(name, 0) + 1
+        return self._slot_of[name], needs_load
+
+    def release(self, name: str) -> None:
+        self._pins[name] -= 1
+        if self._pins[name] == 0:
+            del self._pins[name]
+
+    def evict(self, name: str) -> bool:
+        """Frees ``name``'s slot now if nothing uses it."""
+        if name in self._slot_of and not self._pins.get(name):
+            self._free.append(self._slot_of.pop(name))
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class LoRABatch:
+    """Per-step adapter segments over the flat token rows (batch ordered by slot)."""
+
+    segments: list[tuple[int, int, int]]  # (row start, row end, slot) for rows that have an adapter
+
+
+class LoRAPool:
+    """Preallocated A/B buffers for every slot, layer and target module."""
+
+    def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.max_rank = max_rank
+        # module -> [L, slots, max_rank, in] and [L, slots, out, max_rank]
+        self.a = {m: torch.zeros(num_layers, num_slots, max_rank, i, dtype=dtype, device=device)
+                  for m, (i, o) in shapes.items()}
+        self.b = {m: torch.zeros(num_layers, num_slots, o, max_rank, dtype=dtype, device=device)
+                  for m, (i, o) in shapes.items()}
+        self.scale = [0.0] * num_slots
+
+    def write(self, slot: int, adapter: AdapterWeights) -> None:
+        for m in self.a:
+            self.a[m][:, slot].zero_()
+            self.b[m][:, slot].zero_()
+        for (layer, module), (a, b) in adapter.weights.items():
+            r = a.shape[0]
+            self.a[module][layer, slot, :r].copy_(a)
+            self.b[module][layer, slot, :, :r].copy_(b)
+        self.scale[slot] = adapter.scale
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoRABatch) -> torch.Tensor:
+        """Adds each segment's LoRA delta to ``y`` in place.
+
+        Args:
+            y: Shape: [num_tokens, out] (base projection output).
+            x: Shape: [num_tokens, in] (projection input).
+        """
+        a_all, b_all = self.a[module][layer], self.b[module][layer]  # [slots, r, in], [slots, out, r]
+        for start, end, slot in batch.segments:
+            y[start:end] += (x[start:end] @ a_all[slot].T) @ b_all[slot].T * self.scale[slot]
+        return y

@@ -1,0 +1,151 @@
+"""Multi-LoRA: greedy output with adapters equals PEFT's, also when one batch mixes adapters and base rows."""
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+
+from llmaas.deployments.engine import AdapterError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from llmaas.deployments.engine.lora import SlotTable
+from tests.models import tiny_llama
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(seed=0)
+
+
+def make_adapter(base, path, seed: int, r: int = 8, targets=ALL_MODULES, **extra) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
+    peft_model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # init_lora_weights=False leaves B random but small: make the delta matter
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(str(path))
+    return str(path)
+
+
+def peft_greedy(base, adapter_dir, prompt: list[int], max_new: int = 16) -> list[int]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                         do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def base_greedy(base, prompt: list[int], max_new: int = 16) -> list[int]:
+    ids = torch.tensor([prompt])
+    return base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                         do_sample=False)[0, len(prompt):].tolist()
+
+
+def engine_for(base, **overrides) -> LLMEngine:
+    cfg = dict(max_model_len=256, num_kv_blocks=128, block_size=4, max_loras=4, max_lora_rank=16)
+    cfg.update(overrides)
+    return LLMEngine(copy.deepcopy(base), EngineConfig(**cfg))
+
+
+@pytest.mark.parametrize("targets, extra", [
+    (ALL_MODULES, {}),
+    (["q_proj", "v_proj"], {}),
+    (ALL_MODULES, {"use_rslora": True}),
+])
+def test_adapter_greedy_equals_peft(base, tmp_path, targets, extra):
+    path = make_adapter(base, tmp_path / "a", seed=1, targets=targets, **extra)
+    prompt = list(range(3, 23))
+    expected = peft_greedy(base, path, prompt)
+    assert expected != base_greedy(base, prompt)  # the adapter really changes the output
+    engine = engine_for(base)
+    engine.add_lora("a", path)
+    assert engine.generate([prompt], GREEDY, ["a"])[0] == expected
+
+
+def test_mixed_batch_of_four_adapters_and_base_rows(base, tmp_path):
+    paths = [make_adapter(base, tmp_path / f"a{i}", seed=10 + i, r=4 + 4 * (i % 2)) for i in range(4)]
+    prompts = [[(7 * i + j) % 256 for j in range(5 + 3 * i)] for i in range(6)]
+    loras = ["a0", None, "a1", "a2", None, "a3"]
+    expected = [peft_greedy(base, paths[int(l[1])], p) if l else base_greedy(base, p)
+                for p, l in zip(prompts, loras)]
+    engine = engine_for(base)
+    for i, path in enumerate(paths):
+        engine.add_lora(f"a{i}", path)
+    assert engine.generate(prompts, GREEDY, loras) == expected
+
+
+def test_more_adapters_than_slots_wait_and_evict(base, tmp_path):
+    paths = [make_adapter(base, tmp_path / f"b{i}", seed=20 + i) for i in range(3)]
+    prompt = list(range(10, 20))
+    expected = [peft_greedy(base, p, prompt) for p in paths]
+    engine = engine_for(base, max_loras=2)
+    for i, path in enumerate(paths):
+        engine.add_lora(f"b{i}", path)
+    assert engine.generate([prompt] * 3, GREEDY, ["b0", "b1", "b2"]) == expected
+    assert engine.generate([prompt], GREEDY, ["b0"]) == [expected[0]]  # reloaded after eviction
+
+
+def test_unknown_adapter_is_rejected(base):
+    with pytest.raises(InvalidRequestError, match="not loaded"):
+        engine_for(base).add_request("x", [1, 2], GREEDY, lora="nope")
+
+
+class _Bomb:
+    def __reduce__(self):
+        return (open, ("/tmp/llmaas-pickle-sentinel", "w"))
+
+
+def test_pickle_adapter_refused_and_never_unpickled(base, tmp_path):
+    import os
+
+    sentinel = "/tmp/llmaas-pickle-sentinel"
+    if os.path.exists(sentinel):
+        os.remove(sentinel)
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                        "target_modules": ["q_proj"]}))
+    (d / "adapter_model.bin").write_bytes(pickle.dumps(_Bomb()))
+    with pytest.raises(AdapterError, match="pickle"):
+        engine_for(base).add_lora("evil", str(d))
+    assert not os.path.exists(sentinel)
+
+
+def test_rank_over_max_and_wrong_base_are_refused(base, tmp_path):
+    big = make_adapter(base, tmp_path / "big", seed=3, r=32)
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        engine_for(base).add_lora("big", big)
+    other = tiny_llama(seed=0, hidden_size=32, intermediate_size=64)
+    wrong = make_adapter(other, tmp_path / "wrong", seed=3)
+    with pytest.raises(AdapterError, match="another base model"):
+        engine_for(base).add_lora("wrong", wrong)
+
+
+@pytest.mark.parametrize("ops, resident", [
+    ([("acquire", "a"), ("acquire", "b"), ("release", "a"), ("acquire", "c")], {"b", "c"}),  # LRU unpinned evicted
+    ([("acquire", "a"), ("release", "a"), ("acquire", "b"), ("release", "b"), ("acquire", "a"), ("acquire", "c")],
+     {"a", "c"}),
+])
+def test_slot_table_lru(ops, resident):
+    table = SlotTable(2)
+    for op, name in ops:
+        getattr(table, op)(name)
+    assert {n for n in "abc" if table.slot_of(n) is not None} == resident
+
+
+def test_slot_table_never_evicts_pinned():
+    table = SlotTable(1)
+    table.acquire("a")
+    assert not table.can_acquire("b")
+    table.release("a")
+    assert table.can_acquire("b")
