@@ -112,3 +112,29 @@ def load_model(path: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="float32")
+
+
+def model_fingerprint(path: str) -> str:
+    """sha256 over the checkpoint's config.json and safetensors files: adapters record the base they fit."""
+    import hashlib
+
+    folder = Path(path)
+    cached = folder / ".llmaas-fingerprint"
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
+    if cached.is_file():
+        saved_stamp, _, digest = cached.read_text().partition("\n")
+        if saved_stamp == stamp:
+            return digest
+    h = hashlib.sha256()
+    for f in files:
+        if f.exists():
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    digest = h.hexdigest()
+    try:
+        cached.write_text(f"{stamp}\n{digest}")
+    except OSError:  # read-only model dir: recompute next time
+        pass
+    return digest

@@ -23,3 +23,11 @@ def default_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A tiny random Llama checkpoint with the default model's tokenizer and chat template."""
+    from tests.models import save_tiny_chat_model
+
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir)

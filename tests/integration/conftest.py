@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.models import save_tiny_chat_model
 
 APP = "llmaas"
 
@@ -15,11 +14,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
-    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Fine-tuning job config (pydantic edge): validated once, errors name the field."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]{0,63}$")
+Metric = Literal["loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l"]
+
+
+class LoRASettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, le=256, description="LoRA rank; must not exceed the server's max_lora_rank (16).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: deltas are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = \
+        Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              min_length=1, description="Projections that get adapters.")
+
+
+class EvalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[Metric] = Field(["loss", "perplexity"], description="Computed on the validation set.")
+    labels: list[str] | None = Field(
+        None, description="Classification labels: accuracy/macro_f1 compare the generated label with the answer.")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Generation budget for generated metrics.")
+    max_examples: int = Field(200, ge=1, description="Validation examples used for generated metrics.")
+    thresholds: dict[Metric, float] = Field(
+        default_factory=dict, description="Promotion gate, e.g. {accuracy: 0.8} (loss/perplexity: at most).")
+
+
+class FineTuneJob(BaseModel):
+    """One LoRA fine-tuning job (CLI yaml, HTTP body or Python)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Adapter name the result is registered under, e.g. 'sentiment'.")
+    base_model: str = Field("default", description="'default' (the served SmolLM2) or a checkpoint directory.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "llmaas", description="Converted-model cache.")
+    train_files: list[str] = Field(min_length=1, description="JSONL files: {messages: [...]} or {prompt, completion}.")
+    validation_file: str | None = Field(None, description="JSONL validation set; else validation_split of train.")
+    validation_split: float = Field(0.1, ge=0, lt=1, description="Share of train rows held out when no file.")
+    format: Literal["auto", "chat", "prompt_completion"] = Field("auto", description="Row format; auto per row.")
+    on_bad_line: Literal["error", "skip"] = Field("error", description="Malformed lines: fail, or skip and count.")
+    max_length: int = Field(512, ge=8, description="Tokens per row; longer rows are errors (or skipped).")
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    epochs: int = Field(1, ge=1, le=100)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="Rows per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seed: int = Field(0)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP).")
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every K optimizer steps.")
+    max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    storage_root: Path = Field(Path.home() / ".cache" / "llmaas" / "storage",
+                               description="Where checkpoints, adapters and job records are written.")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    fault_injection_step: int | None = Field(
+        None, ge=1, description="Drills: worker rank 1 (or 0 when alone) raises once at this optimizer step.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must match [a-z0-9][a-z0-9-_.]{0,63}")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> FineTuneJob:
+        wants = {"accuracy", "macro_f1"} & set(self.eval.metrics)
+        if wants and not self.eval.labels:
+            raise ValueError(f"eval.labels is required for {', '.join(sorted(wants))}")
+        return self

@@ -1,0 +1,194 @@
+"""Fine-tuning jobs: validate data, run the TorchTrainer, evaluate, publish the adapter.
+
+Python API::
+
+    from llmaas.training import FineTuneJob, submit
+    handle = submit(FineTuneJob(name="sentiment", train_files=["train.jsonl"]))
+    record = handle.wait()          # JobRecord: status, metrics, adapter_dir
+    handle.cancel()                 # stops a running job
+
+``run_job`` does the work and runs as a Ray task (``submit``) or inline (tests, CLI).
+Nothing is published unless training and evaluation both finish: the adapter directory
+appears atomically, complete with metadata.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmaas.training.config import FineTuneJob
+from llmaas.training.data import DataError, files_hash, read_jsonl, split, tokenize_rows
+from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
+
+OnSuccess = Callable[[JobRecord], JobRecord]
+
+
+class JobError(RuntimeError):
+    pass
+
+
+def prepare_data(job: FineTuneJob, tokenizer):
+    """Reads, validates and tokenizes; returns (train, val, skipped). Raises DataError before any worker starts."""
+    rows, skipped = [], 0
+    for path in job.train_files:
+        r, s = read_jsonl(path, job.format, job.on_bad_line)
+        rows += r
+        skipped += s
+    if not rows:
+        raise DataError(f"training data is empty ({', '.join(job.train_files)})")
+    examples, s = tokenize_rows(tokenizer, rows, job.max_length, job.on_bad_line)
+    skipped += s
+    if job.validation_file:
+        vrows, s = read_jsonl(job.validation_file, job.format, job.on_bad_line)
+        val, s2 = tokenize_rows(tokenizer, vrows, job.max_length, job.on_bad_line)
+        skipped += s + s2
+        train = examples
+    else:
+        train, val = split(examples, job.validation_split, job.seed)
+    need = job.num_workers * job.batch_size * job.grad_accum
+    if len(train) < job.num_workers:
+        raise DataError(f"{len(train)} training rows cannot feed {job.num_workers} workers")
+    if len(train) // job.num_workers < job.grad_accum:
+        raise DataError(f"{len(train)} training rows are too few for one optimizer step (need ~{need})")
+    return train, val, skipped
+
+
+def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) -> JobRecord:
+    """Runs one job to completion; the record under storage_root says how it ended."""
+    store = JobStore(job.storage_root)
+    if store.get(job_id) is None:
+        store.save(JobRecord(id=job_id, job=json.loads(job.model_dump_json())))
+    store.update(job_id, status="running")
+    store.add_event(job_id, "status", "job started")
+    try:
+        record = _run(job, job_id, store)
+        if on_success is not None:
+            record = on_success(record)
+        store.add_event(job_id, "status", f"job succeeded: {record.adapter_dir}")
+        return record
+    except Exception as exc:  # the record must say why, whatever failed
+        message = str(exc) if isinstance(exc, (DataError, JobError)) else f"{type(exc).__name__}: {exc}"
+        store.add_event(job_id, "error", message)
+        return store.update(job_id, status="failed", error=message)
+
+
+def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from llmaas.app.config import ModelSettings
+    from llmaas.app.model_source import model_fingerprint, resolve_model
+    from llmaas.training.evaluate import evaluate, passes
+    from llmaas.training.recipe import train_loop_per_worker
+
+    started = time.time()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer's own bar is the one to read
+    base = resolve_model(ModelSettings(source=job.base_model, cache_dir=job.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    train, val, skipped = prepare_data(job, tokenizer)
+    store.add_event(job_id, "data", f"{len(train)} train / {len(val)} validation rows, {skipped} skipped",
+                    {"train": len(train), "validation": len(val), "skipped": skipped})
+    rows_per_worker = len(train) // job.num_workers
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size) // job.grad_accum)
+    dataset = ray.data.from_items([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
+    job_dir = store.dir(job_id)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": json.loads(job.model_dump_json()), "base_path": base.path,
+                           "pad_id": tokenizer.pad_token_id or 0, "steps_per_epoch": steps_per_epoch,
+                           "events_path": str(store.events_path(job_id)),
+                           "fault_marker": str(job_dir / "fault_injected")},
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        run_config=RunConfig(name=job_id, storage_path=str(Path(job.storage_root).resolve() / "ray_runs"),
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise JobError(f"training failed: {result.error}")
+    if result.checkpoint is None:
+        raise JobError("training finished without a checkpoint")
+    train_seconds = time.time() - started
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not state.get("final"):
+            raise JobError("the last checkpoint is not the final one")
+        ev = job.eval
+        store.add_event(job_id, "eval", "evaluating base model and adapter on the validation set")
+        after = evaluate(base.path, str(ckpt), val, tokenizer, ev.metrics, ev.labels, ev.max_new_tokens,
+                         ev.max_examples)
+        before = evaluate(base.path, None, val, tokenizer, ev.metrics, ev.labels, ev.max_new_tokens,
+                          ev.max_examples)
+        ok, failures = passes(after, ev.thresholds)
+        metadata = {
+            "job_id": job_id, "name": job.name, "base_model": base.served_name, "base_path": base.path,
+            "base_fingerprint": model_fingerprint(base.path), "config": json.loads(job.model_dump_json()),
+            "metrics": after, "metrics_before": before, "eval_passed": ok, "eval_failures": failures,
+            "data_sha256": files_hash(job.train_files + ([job.validation_file] if job.validation_file else [])),
+            "train_rows": len(train), "validation_rows": len(val), "global_step": state["global_step"],
+            "trained_tokens": state["tokens_seen"], "train_seconds": round(train_seconds, 2),
+            "created_at": int(time.time()),
+        }
+        target = Path(job.storage_root) / "outputs" / job_id / "adapter"
+        from llmaas.training.checkpoint import publish_dir
+
+        publish_dir(ckpt, target, {"metadata.json": json.dumps(metadata, indent=2)})
+    store.add_event(job_id, "eval", f"metrics {after} (base: {before}); thresholds "
+                    f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
+    shutil.rmtree(job_dir / "fault_injected", ignore_errors=True)
+    return store.update(job_id, status="succeeded", adapter_dir=str(target), metrics=after, metrics_before=before,
+                        eval_passed=ok, trained_tokens=state["tokens_seen"])
+
+
+class JobHandle:
+    """A submitted job: poll, wait, cancel."""
+
+    def __init__(self, job_id: str, storage_root: Path, ref: Any) -> None:
+        self.id = job_id
+        self._store = JobStore(storage_root)
+        self._ref = ref
+
+    def status(self) -> JobRecord:
+        record = self._store.get(self.id)
+        assert record is not None
+        return record
+
+    def events(self) -> list[dict[str, Any]]:
+        return self._store.events(self.id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        import ray
+
+        ray.wait([self._ref], timeout=timeout)
+        return self.status()
+
+    def cancel(self) -> JobRecord:
+        import ray
+
+        record = self.status()
+        if record.status in TERMINAL:
+            return record
+        ray.cancel(self._ref, force=True)  # the trainer's actors are owned by this task and die with it
+        self._store.add_event(self.id, "status", "job cancelled")
+        return self._store.update(self.id, status="cancelled")
+
+
+def submit(job: FineTuneJob | dict[str, Any], on_success: OnSuccess | None = None) -> JobHandle:
+    """Starts a job as a Ray task (``ray.init()`` or RAY_ADDRESS first) and returns its handle."""
+    import ray
+
+    job = job if isinstance(job, FineTuneJob) else FineTuneJob.model_validate(job)
+    job_id = new_job_id()
+    JobStore(job.storage_root).save(JobRecord(id=job_id, job=json.loads(job.model_dump_json())))
+    ref = ray.remote(num_cpus=0, max_retries=0)(run_job).remote(job, job_id, on_success)
+    return JobHandle(job_id, job.storage_root, ref)

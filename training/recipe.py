@@ -1,0 +1,181 @@
+"""The LoRA fine-tuning recipe one Ray Train worker runs (torchtune-style: setup, _loss_step, train).
+
+LoRA (Hu et al., 2021) via PEFT on the served base model: ``W0 x + (alpha / r) B A x``
+with W0 frozen. DDP over the workers (gloo on CPU, NCCL on GPU) through
+``ray.train.torch.prepare_model``; checkpoints each epoch (and every K steps) through
+``ray.train.report`` so a lost worker resumes from the last one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmaas.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from llmaas.training.config import FineTuneJob
+from llmaas.training.data import pad_batch
+
+
+def lr_at(step: int, total: int, job: FineTuneJob) -> float:
+    """Learning rate after ``step`` optimizer steps: linear warm-up, then constant/linear/cosine decay."""
+    warmup = int(total * job.warmup_ratio)
+    if step < warmup:
+        return job.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if job.lr_schedule == "linear":
+        return job.learning_rate * max(0.0, 1.0 - progress)
+    if job.lr_schedule == "cosine":
+        return job.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return job.learning_rate
+
+
+class LoRAFineTuneRecipe:
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+
+        self.job = FineTuneJob.model_validate(config["job"])
+        self.base_path: str = config["base_path"]
+        self.pad_id: int = config["pad_id"]
+        self.steps_per_epoch: int = config["steps_per_epoch"]
+        self.events_path = Path(config["events_path"])
+        self.fault_marker = Path(config["fault_marker"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    # ----- setup -----
+    def setup(self) -> None:
+        import ray.train
+
+        torch.manual_seed(self.job.seed)
+        self._setup_model()
+        self._setup_optimizer()
+        self.state = TrainerState()
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.state = load_checkpoint(Path(d), self.peft_model, self.optimizer)
+            self._event("resumed", f"resumed from checkpoint at step {self.state.global_step}",
+                        {"step": self.state.global_step})
+
+    def _setup_model(self) -> None:
+        import ray.train.torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(self.base_path, use_safetensors=True, dtype=torch.float32)
+        lora = self.job.lora
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        self.peft_model = get_peft_model(base, cfg)
+        self.model = ray.train.torch.prepare_model(self.peft_model)  # DDP when world > 1
+
+    def _setup_optimizer(self) -> None:
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.job.learning_rate, weight_decay=0.0)
+
+    # ----- one step -----
+    def _loss_step(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over label tokens. ids, labels, mask: [B, S]."""
+        logits = self.model(input_ids=ids, attention_mask=mask).logits  # [B, S, V]
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    # ----- loop -----
+    def train(self) -> None:
+        import ray.train
+
+        job = self.job
+        total = self.steps_per_epoch * job.epochs
+        shard = ray.train.get_dataset_shard("train")
+        bar = None
+        if self.rank == 0:
+            from ray.experimental.tqdm_ray import tqdm
+
+            bar = tqdm(total=total, desc=f"fine-tune {job.name}", unit="step")
+            bar.update(self.state.global_step)  # a resumed run starts where its checkpoint was
+        device = next(self.peft_model.parameters()).device
+        start = time.perf_counter()
+        tokens_at_start = self.state.tokens_seen
+        for epoch in range(self.state.epoch, job.epochs):
+            self.model.train()
+            micro, losses = 0, []
+            skip = self.state.step_in_epoch * job.grad_accum if epoch == self.state.epoch else 0
+            batches = shard.iter_batches(batch_size=job.batch_size, batch_format="numpy")
+            for i, batch in enumerate(batches):
+                if i < skip:
+                    continue  # already trained on before the checkpoint we resumed from
+                if self.state.step_in_epoch >= self.steps_per_epoch:
+                    break  # equal step counts on every worker keep DDP in lockstep
+                ids, labels, mask = (t.to(device) for t in pad_batch(batch, self.pad_id))
+                loss = self._loss_step(ids, labels, mask) / job.grad_accum
+                loss.backward()
+                losses.append(loss.item() * job.grad_accum)
+                self.state.tokens_seen += int(mask.sum()) * self.world
+                micro += 1
+                if micro % job.grad_accum:
+                    continue
+                self._optimizer_step(total)
+                self._maybe_inject_fault()
+                metrics = {"epoch": epoch, "step": self.state.global_step, "train_loss": sum(losses) / len(losses),
+                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "tokens_per_s": (self.state.tokens_seen - tokens_at_start) / (time.perf_counter() - start)}
+                losses = []
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_description(f"fine-tune {job.name} loss {metrics['train_loss']:.4f}")
+                self._event("metrics", f"step {metrics['step']}/{total} loss {metrics['train_loss']:.4f}", metrics)
+                every = job.checkpoint_every_steps
+                if every and self.state.global_step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
+                    self._report(metrics, checkpoint=True)
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self.state.final = self.state.epoch == job.epochs
+            self._report({"epoch": epoch, "step": self.state.global_step}, checkpoint=True)
+        if bar is not None:
+            bar.close()
+
+    def _optimizer_step(self, total: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.state.global_step, total, self.job)
+        torch.nn.utils.clip_grad_norm_([p for p in self.peft_model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+
+    def _maybe_inject_fault(self) -> None:
+        step = self.job.fault_injection_step
+        if step is None or self.state.global_step != step or self.rank != min(1, self.world - 1):
+            return
+        if not self.fault_marker.exists():
+            self.fault_marker.write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step} (fault_injection_step)")
+
+    def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        import ray.train
+
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(Path(d), self.peft_model, self.optimizer, self.state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            self._event("checkpoint", f"checkpoint at step {self.state.global_step}",
+                        {"step": self.state.global_step})
+        else:
+            ray.train.report(metrics)
+
+    def _event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with self.events_path.open("a") as f:  # one line per event; readers skip a torn last line
+            f.write(json.dumps({"type": kind, "message": message, "data": data, "created_at": int(time.time())})
+                    + "\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    recipe = LoRAFineTuneRecipe(config)
+    recipe.setup()
+    recipe.train()

@@ -1,0 +1,113 @@
+"""Job records and events, persisted atomically under the storage root.
+
+Layout: ``<root>/jobs/<job_id>/record.json`` (rewritten whole: temp file + fsync +
+os.replace) and ``events.jsonl`` (append-only; a torn last line is skipped on read).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class JobRecord(BaseModel):
+    id: str
+    status: JobStatus = "queued"
+    job: dict[str, Any]
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    finished_at: int | None = None
+    error: str | None = None
+    adapter_dir: str | None = None
+    fine_tuned_model: str | None = None  # the registered version id, once registered
+    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics_before: dict[str, float] = Field(default_factory=dict)
+    eval_passed: bool | None = None
+    trained_tokens: int | None = None
+    owner: str | None = None  # tenant that submitted it
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+class JobStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root) / "jobs"
+
+    def dir(self, job_id: str) -> Path:
+        if "/" in job_id or job_id.startswith("."):
+            raise ValueError(f"bad job id {job_id!r}")
+        return self.root / job_id
+
+    def save(self, record: JobRecord) -> None:
+        atomic_write(self.dir(record.id) / "record.json", record.model_dump_json(indent=2))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        path = self.dir(job_id) / "record.json"
+        if not path.is_file():
+            return None
+        return JobRecord.model_validate_json(path.read_text())
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
+        record = self.get(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        record = record.model_copy(update=fields)
+        if fields.get("status") in TERMINAL and record.finished_at is None:
+            record.finished_at = int(time.time())
+        self.save(record)
+        return record
+
+    def list(self) -> list[JobRecord]:
+        if not self.root.is_dir():
+            return []
+        records = [self.get(d.name) for d in self.root.iterdir() if (d / "record.json").is_file()]
+        return sorted((r for r in records if r), key=lambda r: r.created_at, reverse=True)
+
+    def events_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / "events.jsonl"
+
+    def add_event(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        path = self.events_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"type": kind, "message": message, "data": data or {},
+                                "created_at": int(time.time())}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        path = self.events_path(job_id)
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a crash
+                continue
+        return out
