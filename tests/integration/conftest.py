@@ -22,7 +22,7 @@ def ray_cluster():
     from ray import serve
 
     # Logical CPUs: the stages ask for fractions, and two apps (tiny + default model) share the box.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

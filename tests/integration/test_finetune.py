@@ -1,0 +1,103 @@
+"""Real Ray Train: 2 CPU workers fine-tune a tiny Llama; the adapter loads in PEFT and in our engine alike."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "sentiment"
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    lines = (EXAMPLES / "train.jsonl").read_text().splitlines()
+    (d / "train.jsonl").write_text("\n".join(lines[:64]) + "\n")
+    (d / "val.jsonl").write_text("\n".join((EXAMPLES / "val.jsonl").read_text().splitlines()[:16]) + "\n")
+    return d
+
+
+def make_job(tiny_chat_dir, data_files, storage, **overrides):
+    from llmaas.training import FineTuneJob
+
+    raw = dict(name="sentiment", base_model=str(tiny_chat_dir), train_files=[str(data_files / "train.jsonl")],
+               validation_file=str(data_files / "val.jsonl"), epochs=2, batch_size=8, learning_rate=1e-2,
+               warmup_ratio=0.0, lr_schedule="constant", max_length=128, num_workers=2, cpus_per_worker=1,
+               storage_root=str(storage),
+               eval={"metrics": ["loss", "accuracy"], "labels": ["positive", "negative"], "max_new_tokens": 3})
+    raw.update(overrides)
+    return FineTuneJob.model_validate(raw)
+
+
+def test_two_worker_job_learns_and_adapter_serves_like_peft(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+    from llmaas.training.jobs import run_job
+    from llmaas.training.store import JobStore
+
+    job = make_job(tiny_chat_dir, data_files, tmp_path)
+    record = run_job(job, "ftjob-test-ok")
+    assert record.status == "succeeded", record.error
+    events = JobStore(tmp_path).events("ftjob-test-ok")
+    losses = [e["data"]["train_loss"] for e in events if e["type"] == "metrics"]
+    assert len(losses) == 8  # 64 rows / 2 workers / batch 8 = 4 steps per epoch, 2 epochs
+    assert losses[-1] < losses[0]
+    assert sum(e["type"] == "checkpoint" for e in events) == 2  # one per epoch
+    assert record.metrics["loss"] < record.metrics_before["loss"]
+
+    adapter = Path(record.adapter_dir)
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "metadata.json"]
+    meta = json.loads((adapter / "metadata.json").read_text())
+    assert meta["job_id"] == "ftjob-test-ok" and len(meta["base_fingerprint"]) == 64
+    assert meta["metrics"] == record.metrics and meta["data_sha256"]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 30, 2, 198, 1, 520, 9531, 198]
+    ids = torch.tensor([prompt])
+    expected = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+    engine = LLMEngine(base, EngineConfig(max_model_len=128, num_kv_blocks=32, max_loras=1, max_lora_rank=8))
+    engine.add_lora("sentiment", str(adapter))
+    got = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), ["sentiment"])
+    assert got[0] == expected
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from llmaas.training.jobs import run_job
+    from llmaas.training.store import JobStore
+
+    # 4 steps per epoch: checkpoints at steps 3, 4 (epoch end) and 6; rank 1 raises at step 7.
+    job = make_job(tiny_chat_dir, data_files, tmp_path, checkpoint_every_steps=3, fault_injection_step=7,
+                   eval={"metrics": ["loss"]})
+    record = run_job(job, "ftjob-test-fault")
+    assert record.status == "succeeded", record.error
+    events = JobStore(tmp_path).events("ftjob-test-fault")
+    resumed = [e["data"]["step"] for e in events if e["type"] == "resumed"]
+    assert resumed == [6]  # the last checkpoint before the fault, not a restart from 0
+    steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8]  # rank 0 logged step 7 before rank 1 failed; only 7 is redone
+    outputs = list((tmp_path / "outputs").iterdir())
+    assert [p.name for p in outputs] == ["ftjob-test-fault"]  # published once
+
+
+def test_bad_data_fails_before_any_worker(ray_cluster, tiny_chat_dir, tmp_path):
+    from llmaas.training.jobs import run_job
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    job = make_job(tiny_chat_dir, tmp_path, tmp_path / "store", train_files=[str(bad)], validation_file=None)
+    record = run_job(job, "ftjob-test-bad")
+    assert record.status == "failed" and "bad.jsonl:2" in record.error
+    assert not (tmp_path / "store" / "ray_runs").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    record = run_job(make_job(tiny_chat_dir, tmp_path, tmp_path / "store", train_files=[str(empty)],
+                              validation_file=None), "ftjob-test-empty")
+    assert record.status == "failed" and "empty" in record.error
