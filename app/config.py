@@ -39,6 +39,8 @@ class EngineSettings(BaseModel):
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV-cache size on CPU, in GiB.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of free GPU memory for KV cache.")
+    max_loras: int = Field(8, ge=0, description="Adapters resident per replica (distinct adapters per batch).")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="Largest adapter rank accepted.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 
@@ -60,6 +62,8 @@ class EngineSettings(BaseModel):
             dtype=DTYPES[dtype],
             device=device,
             eos_token_ids=eos_token_ids,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
         )
 
 
@@ -70,5 +74,9 @@ class AppConfig(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings, description="Which base model to serve.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Inference engine knobs.")
+    storage_root: Path = Field(
+        Path.home() / ".cache" / "llmaas" / "storage",
+        description="Registry, adapters, uploaded files and fine-tuning jobs (shared storage on a cluster).")
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest /v1/files upload (413 above).")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")

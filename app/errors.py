@@ -37,6 +37,11 @@ class NotFound(APIError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+
+
 class ServiceUnavailable(APIError):
     status_code = 503
     type = "service_unavailable"

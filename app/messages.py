@@ -17,6 +17,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    adapter: str | None = None  # immutable version id ('sentiment@3'); None runs the base model
 
 
 @dataclass(frozen=True, slots=True)

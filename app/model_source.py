@@ -138,3 +138,20 @@ def model_fingerprint(path: str) -> str:
     except OSError:  # read-only model dir: recompute next time
         pass
     return digest
+
+
+def base_model_info(path: str, max_rank: int):
+    """What adapters must fit: fingerprint, LoRA-targetable projection shapes, layer count."""
+    from transformers import AutoConfig
+
+    from llmaas.app.registry import BaseModelInfo
+
+    cfg = AutoConfig.from_pretrained(path)
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv = cfg.num_key_value_heads * head_dim
+    inter = cfg.intermediate_size
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    return BaseModelInfo(model_fingerprint(path), max_rank, shapes, cfg.num_hidden_layers)

@@ -174,6 +174,10 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmaas"
     max_model_len: int | None = None
+    parent: str | None = None  # adapters: the base model they run on
+    alias_of: str | None = None  # an adapter name: the version it serves now
+    canary: dict[str, float] | None = None  # an adapter name during a canary: version -> traffic share
+    metadata: dict | None = None  # an adapter version: training job, metrics, base fingerprint
 
 
 class ModelList(BaseModel):

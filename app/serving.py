@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from llmaas.app.errors import InvalidRequest, NotFound
+from llmaas.app.catalog import ModelCatalog
+from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.postprocess import Decoder, IncrementalDetokenizer, StopMatcher
 from llmaas.app.protocol import (
@@ -26,16 +27,12 @@ from llmaas.app.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ModelCard,
     ModelList,
     ResponseMessage,
     Usage,
     new_id,
 )
 from llmaas.deployments.engine import SamplingParams
-
-BASE_ALIAS = "base"
-
 
 class Backend(Protocol):
     async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt: ...
@@ -57,37 +54,38 @@ class PreparedChoice:
     index: int
     prompt: TokenizedPrompt
     params: SamplingParams
+    adapter: str | None  # immutable adapter version id, resolved at admission
+
+
+@dataclass(slots=True)
+class Prepared:
+    choices: list[PreparedChoice]
+    stops: list[str]
+    model: str  # what responses report: the adapter version that served, or the requested base name
 
 
 class OpenAIServing:
-    def __init__(self, backend: Backend, decoder: Decoder, served_name: str, max_model_len: int,
-                 max_n: int, max_stop_sequences: int) -> None:
+    def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, max_n: int,
+                 max_stop_sequences: int) -> None:
         self.backend = backend
         self.decoder = decoder
-        self.served_name = served_name
-        self.max_model_len = max_model_len
+        self.catalog = catalog
         self.max_n = max_n
         self.max_stop_sequences = max_stop_sequences
 
-    # ----- models -----
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served_name, max_model_len=self.max_model_len),
-                               ModelCard(id=BASE_ALIAS, max_model_len=self.max_model_len)])
-
-    def check_model(self, model: str) -> None:
-        if model not in (self.served_name, BASE_ALIAS):
-            raise NotFound(f"model {model!r} not found; available: {BASE_ALIAS}, {self.served_name}",
-                           param="model", code="model_not_found")
+        return ModelList(data=self.catalog.cards())
 
     # ----- preparation: everything that can fail with a 4xx happens before any token -----
-    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> list[str]:
-        self.check_model(req.model)
+    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[str], str | None]:
+        """Returns (stop strings, adapter version). The version is resolved once, here, for the whole request."""
+        adapter = self.catalog.resolve(req.model)
         if req.n > self.max_n:
             raise InvalidRequest(f"n must be <= {self.max_n}, got {req.n}", param="n")
         stops = req.stop_list()
         if len(stops) > self.max_stop_sequences:
             raise InvalidRequest(f"at most {self.max_stop_sequences} stop sequences are allowed", param="stop")
-        return stops
+        return stops, adapter
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, prompt: TokenizedPrompt,
                 index: int) -> SamplingParams:
@@ -95,21 +93,22 @@ class OpenAIServing:
         return SamplingParams(max_tokens=prompt.max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, seed=seed, ignore_eos=req.ignore_eos)
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[PreparedChoice], list[str]]:
-        stops = self._check_common(req)
+    async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        stops, adapter = self._check_common(req)
         prompt = await self.backend.encode_chat(req.messages, req.token_limit())
-        return [PreparedChoice(i, prompt, self._params(req, prompt, i)) for i in range(req.n)], stops
+        return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter) for i in range(req.n)],
+                        stops, adapter or req.model)
 
-    async def prepare_completion(self, req: CompletionRequest) -> tuple[list[PreparedChoice], list[str]]:
-        stops = self._check_common(req)
+    async def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        stops, adapter = self._check_common(req)
         if req.echo:
             raise InvalidRequest("echo is not supported", param="echo")
         prompts = await asyncio.gather(*(self.backend.encode_prompt(p, req.token_limit()) for p in req.prompts()))
         choices = []
         for prompt in prompts:
             for _ in range(req.n):
-                choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices))))
-        return choices, stops
+                choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter))
+        return Prepared(choices, stops, adapter or req.model)
 
     # ----- generation -----
     async def _run_choice(self, request_id: str, choice: PreparedChoice, stops: list[str]) -> AsyncIterator[ChoiceEvent]:
@@ -118,7 +117,7 @@ class OpenAIServing:
         num_prompt = len(choice.prompt.token_ids)
         completion_tokens = 0
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
-                                                       choice.params))
+                                                       choice.params, choice.adapter))
         try:
             async for delta in stream:
                 completion_tokens = delta.num_output_tokens
@@ -170,72 +169,70 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, request_id: str, choices: list[PreparedChoice],
-                       stops: list[str]) -> tuple[list[str], list[str | None], Usage]:
-        texts = [""] * len(choices)
-        reasons: list[str | None] = [None] * len(choices)
-        prompt_tokens: dict[int, int] = {}
-        completion = [0] * len(choices)
-        async for ev in self._run_all(request_id, choices, stops):
+    @staticmethod
+    def _usage(choices: list[PreparedChoice], completion: dict[int, int]) -> Usage:
+        """n choices of one prompt count its tokens once, as OpenAI does."""
+        prompt = sum({id(c.prompt): len(c.prompt.token_ids) for c in choices}.values())
+        done = sum(completion.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+
+    async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[str], list[str | None], Usage]:
+        texts = [""] * len(prep.choices)
+        reasons: list[str | None] = [None] * len(prep.choices)
+        completion: dict[int, int] = {}
+        async for ev in self._run_all(request_id, prep.choices, prep.stops):
             texts[ev.index] += ev.text
             completion[ev.index] = ev.completion_tokens
             if ev.finish_reason is not None:
                 reasons[ev.index] = ev.finish_reason
-        for c in choices:  # n choices of one prompt count its tokens once, as OpenAI does
-            prompt_tokens[id(c.prompt)] = len(c.prompt.token_ids)
-        usage = Usage(prompt_tokens=sum(prompt_tokens.values()), completion_tokens=sum(completion),
-                      total_tokens=sum(prompt_tokens.values()) + sum(completion))
-        return texts, reasons, usage
+        return texts, reasons, self._usage(prep.choices, completion)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        choices, stops = await self.prepare_chat(req)
+        prep = await self.prepare_chat(req)
         rid = new_id("chatcmpl")
-        texts, reasons, usage = await self._collect(rid, choices, stops)
+        texts, reasons, usage = await self._collect(rid, prep)
         return ChatCompletionResponse(
-            id=rid, model=req.model, usage=usage,
+            id=rid, model=prep.model, usage=usage,
             choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r)
                      for i, (t, r) in enumerate(zip(texts, reasons))])
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
-        choices, stops = await self.prepare_completion(req)
+        prep = await self.prepare_completion(req)
         rid = new_id("cmpl")
-        texts, reasons, usage = await self._collect(rid, choices, stops)
+        texts, reasons, usage = await self._collect(rid, prep)
         return CompletionResponse(
-            id=rid, model=req.model, usage=usage,
+            id=rid, model=prep.model, usage=usage,
             choices=[CompletionChoice(index=i, text=t, finish_reason=r)
                      for i, (t, r) in enumerate(zip(texts, reasons))])
 
-    async def chat_stream(self, req: ChatCompletionRequest, prepared=None) -> AsyncIterator[ChatCompletionChunk]:
+    async def chat_stream(self, req: ChatCompletionRequest,
+                          prepared: Prepared | None = None) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks as the OpenAI API streams them: role first, then content, then finish_reason, then usage."""
-        choices, stops = prepared or await self.prepare_chat(req)
+        prep = prepared or await self.prepare_chat(req)
         rid, created = new_id("chatcmpl"), int(time.time())
 
         def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choice_list, usage=usage)
+            return ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=choice_list, usage=usage)
 
         yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
-                     for c in choices])
+                     for c in prep.choices])
         completion: dict[int, int] = {}
-        async for ev in self._run_all(rid, choices, stops):
+        async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
             yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=ev.text or None),
                                          finish_reason=ev.finish_reason)])
         if req.stream_options and req.stream_options.include_usage:
-            prompt = len(choices[0].prompt.token_ids)
-            done = sum(completion.values())
-            yield chunk([], Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done))
+            yield chunk([], self._usage(prep.choices, completion))
 
-    async def completion_stream(self, req: CompletionRequest, prepared=None) -> AsyncIterator[CompletionResponse]:
-        choices, stops = prepared or await self.prepare_completion(req)
+    async def completion_stream(self, req: CompletionRequest,
+                                prepared: Prepared | None = None) -> AsyncIterator[CompletionResponse]:
+        prep = prepared or await self.prepare_completion(req)
         rid, created = new_id("cmpl"), int(time.time())
         completion: dict[int, int] = {}
-        async for ev in self._run_all(rid, choices, stops):
+        async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
-            yield CompletionResponse(id=rid, created=created, model=req.model, choices=[
+            yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[
                 CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason)])
         if req.stream_options and req.stream_options.include_usage:
-            prompt = sum({id(c.prompt): len(c.prompt.token_ids) for c in choices}.values())
-            done = sum(completion.values())
-            yield CompletionResponse(id=rid, created=created, model=req.model, choices=[],
-                                     usage=Usage(prompt_tokens=prompt, completion_tokens=done,
-                                                 total_tokens=prompt + done))
+            yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[],
+                                     usage=self._usage(prep.choices, completion))

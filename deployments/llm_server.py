@@ -1,4 +1,10 @@
-"""LLMServer deployment: the model stage. Wraps the engine; batches every concurrent request."""
+"""LLMServer deployment: the model stage. Wraps the engine; batches every concurrent request.
+
+Adapters arrive through ``@serve.multiplexed`` keyed by immutable version id
+('sentiment@3'), so Serve routes a request to a replica that already holds its
+version; loading pushes the adapter into the engine's slot pool, and Serve's LRU
+eviction hands it back (after the requests using it finish).
+"""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -10,7 +16,26 @@ from llmaas.app.config import AppConfig
 from llmaas.app.errors import InvalidRequest, ServiceUnavailable
 from llmaas.app.messages import GenerateRequest, TokenDelta
 from llmaas.app.model_source import load_model, resolve_model
-from llmaas.deployments.engine import AsyncLLMEngine, EngineDeadError, FinishReason, InvalidRequestError, LLMEngine
+from llmaas.app.registry import Registry, parse_model_id
+from llmaas.deployments.engine import (
+    AdapterError,
+    AsyncLLMEngine,
+    EngineDeadError,
+    FinishReason,
+    InvalidRequestError,
+    LLMEngine,
+)
+
+
+class AdapterLease:
+    """What the multiplexer caches per adapter version; eviction releases the engine slot."""
+
+    def __init__(self, engine: AsyncLLMEngine, version_id: str) -> None:
+        self.engine = engine
+        self.version_id = version_id
+
+    async def __del__(self) -> None:  # Serve awaits this on LRU eviction
+        await self.engine.remove_lora(self.version_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -22,11 +47,31 @@ class LLMServer:
         engine = LLMEngine(load_model(model.path),
                            config.engine.to_engine_config(model.max_model_len, model.eos_token_ids))
         self.engine = AsyncLLMEngine(engine)
+        self.registry = Registry(config.storage_root)
+        # Serve caches one lease per version (LRU, at most max_loras); the engine has as many slots behind them.
+        async def load(version_id: str) -> AdapterLease:
+            return await self._load_adapter(version_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max(1, config.engine.max_loras))(load)
+
+    async def _load_adapter(self, version_id: str) -> AdapterLease:
+        name, version = parse_model_id(version_id)
+        if version is None:
+            raise InvalidRequest(f"adapter id {version_id!r} must name a version", param="model")
+        path = self.registry.adapter_dir(name, version)
+        try:
+            await self.engine.add_lora(version_id, str(path))
+        except (AdapterError, OSError) as exc:
+            raise InvalidRequest(f"adapter {version_id} cannot be loaded: {exc}", param="model") from None
+        return AdapterLease(self.engine, version_id)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Streams token deltas; cancelling the call (client gone, stop string hit) aborts the request."""
         try:
-            stream = self.engine.generate(request.request_id, request.prompt_token_ids, request.params)
+            if request.adapter is not None:
+                await self.get_adapter(request.adapter)
+            stream = self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
+                                          request.adapter)
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORT:
                     return

@@ -6,12 +6,13 @@ JSON with OpenAI's status codes (400 for validation, never FastAPI's 422).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -19,11 +20,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
 from llmaas.app.config import AppConfig
-from llmaas.app.errors import APIError, InvalidRequest, unwrap
+from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, unwrap
+from llmaas.app.files import FileObject
+from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
+from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
-from llmaas.app.model_source import resolve_model
+from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList
+from llmaas.app.registry import RegistryState
 from llmaas.app.serving import OpenAIServing
 
 logger = logging.getLogger("ray.serve")
@@ -139,25 +145,52 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:
+        import ray
         from transformers import AutoTokenizer
 
         model = resolve_model(config.model)
         self.llm = llm
+        self.manage = Management(config.storage_root, model.path,
+                                 base_model_info(model.path, config.engine.max_lora_rank),
+                                 (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)))
+        self.catalog = ModelCatalog(model.served_name, model.max_model_len,
+                                    ray.get(self.manage.registry.snapshot.remote()))
         self.serving = OpenAIServing(_HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
-                                     model.served_name, model.max_model_len, config.max_n,
-                                     config.max_stop_sequences)
+                                     self.catalog, config.max_n, config.max_stop_sequences)
+        self._watcher: asyncio.Task | None = None
 
-    # ----- HTTP -----
+    def _watch(self) -> None:
+        """Keeps the catalog's registry snapshot fresh: a long poll that returns on every change."""
+        if self._watcher is not None and not self._watcher.done():
+            return
+
+        async def loop() -> None:
+            while True:
+                try:
+                    self._set_state(await self.manage.watch(self.catalog.state.generation))
+                except Exception:  # registry actor restarting: try again shortly
+                    logger.exception("registry watch failed")
+                    await asyncio.sleep(0.5)
+
+        self._watcher = asyncio.get_running_loop().create_task(loop())
+
+    def _set_state(self, state: RegistryState) -> None:
+        if state.generation >= self.catalog.state.generation:
+            self.catalog.state = state
+
+    # ----- HTTP: inference -----
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
+        self._watch()
         return self.serving.models()
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest):
+        self._watch()
         if request.stream:
             prepared = await self.serving.prepare_chat(request)  # 4xx before the stream opens
             return _sse(self.serving.chat_stream(request, prepared))
@@ -165,26 +198,107 @@ class Router:
 
     @api.post("/v1/completions")
     async def http_completions(self, request: CompletionRequest):
+        self._watch()
         if request.stream:
             prepared = await self.serving.prepare_completion(request)
             return _sse(self.serving.completion_stream(request, prepared))
         return await self.serving.completion(request)
 
+    # ----- HTTP: files -----
+    @api.post("/v1/files", response_model=FileObject)
+    async def upload_file(self, request: Request, file: UploadFile = File(...), purpose: str = Form(...)):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.manage.max_upload_bytes + 65536:
+            raise PayloadTooLarge(f"upload exceeds {self.manage.max_upload_bytes} bytes", param="file")
+        data = await file.read(self.manage.max_upload_bytes + 1)
+        if len(data) > self.manage.max_upload_bytes:
+            raise PayloadTooLarge(f"upload exceeds {self.manage.max_upload_bytes} bytes", param="file")
+        return self.manage.upload(data, file.filename or "upload.jsonl", purpose)
+
+    @api.get("/v1/files")
+    async def list_files(self):
+        return {"object": "list", "data": [f.model_dump() for f in self.manage.files.list()], "has_more": False}
+
+    @api.get("/v1/files/{file_id}", response_model=FileObject)
+    async def get_file(self, file_id: str):
+        return self.manage.files.get(file_id)
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(self, file_id: str):
+        self.manage.files.delete(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ----- HTTP: fine-tuning -----
+    @api.post("/v1/fine_tuning/jobs", response_model=FineTuningJobObject)
+    async def create_job(self, request: FineTuningJobRequest):
+        return await self.manage.create_job(request)
+
+    @api.get("/v1/fine_tuning/jobs")
+    async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None):
+        return self.manage.list_jobs(limit, after)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
+    async def get_job(self, job_id: str):
+        return self.manage.get_job(job_id)
+
+    @api.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobObject)
+    async def cancel_job(self, job_id: str):
+        return await self.manage.cancel_job(job_id)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def job_events(self, job_id: str, limit: int = Query(20, ge=1, le=1000), after: str | None = None):
+        return self.manage.job_events(job_id, limit, after)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(self, job_id: str):
+        return self.manage.job_checkpoints(job_id)
+
+    # ----- HTTP: adapter administration -----
+    @api.get("/v1/adapters")
+    async def list_adapters(self):
+        self._watch()
+        return self.catalog.state.model_dump()
+
+    @api.post("/v1/adapters")
+    async def register_adapter(self, request: RegisterAdapterRequest):
+        version, state = await self.manage.register_adapter(request)
+        self._set_state(state)
+        return {"id": version, "object": "model"}
+
+    @api.post("/v1/adapters/{name}/promote")
+    async def promote_adapter(self, name: str, request: PromoteRequest):
+        self._set_state(await self.manage.promote(name, request))
+        return self.catalog.state.adapters[name].model_dump()
+
+    @api.post("/v1/adapters/{name}/rollback")
+    async def rollback_adapter(self, name: str):
+        self._set_state(await self.manage.rollback(name))
+        return self.catalog.state.adapters[name].model_dump()
+
+    @api.delete("/v1/adapters/{model}")
+    async def delete_adapter(self, model: str):
+        self._set_state(await self.manage.delete_version(model))
+        return {"id": model, "object": "model", "deleted": True}
+
     # ----- Python handle API: same types as HTTP -----
     async def chat(self, request: ChatCompletionRequest | dict):
         """``await handle.chat.remote({...})`` -> ChatCompletionResponse."""
+        self._watch()
         return await self.serving.chat(_parse(ChatCompletionRequest, request))
 
     async def completions(self, request: CompletionRequest | dict):
         """``await handle.completions.remote({...})`` -> CompletionResponse."""
+        self._watch()
         return await self.serving.completion(_parse(CompletionRequest, request))
 
     async def chat_stream(self, request: ChatCompletionRequest | dict):
         """``handle.options(stream=True).chat_stream.remote({...})`` yields ChatCompletionChunk."""
+        self._watch()
         async for chunk in self.serving.chat_stream(_parse(ChatCompletionRequest, request)):
             yield chunk
 
     async def completions_stream(self, request: CompletionRequest | dict):
         """``handle.options(stream=True).completions_stream.remote({...})`` yields CompletionResponse chunks."""
+        self._watch()
         async for chunk in self.serving.completion_stream(_parse(CompletionRequest, request)):
             yield chunk

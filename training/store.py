@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -15,29 +14,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from llmaas.app.storage import atomic_write
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class JobRecord(BaseModel):
     id: str
     status: JobStatus = "queued"
-    job: dict[str, Any]
+    job: dict[str, Any]  # the FineTuneJob
+    api: dict[str, Any] = Field(default_factory=dict)  # how it was asked for over the API (file ids, metadata)
     created_at: int = Field(default_factory=lambda: int(time.time()))
     finished_at: int | None = None
     error: str | None = None

@@ -43,6 +43,7 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._pending_removals: set[str] = set()  # adapters to forget once no request uses them
         self.error: BaseException | None = None
 
     # ----- asyncio side -----
@@ -62,6 +63,21 @@ class AsyncLLMEngine:
             self._inbox_calls.append((fn, future))
         self._wake.set()
         return await future
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Registers an adapter (idempotent); cancels a pending removal of the same name."""
+        def add() -> None:
+            self._pending_removals.discard(name)
+            if not self.engine.has_lora(name):
+                self.engine.add_lora(name, path)
+        await self.call(add)
+
+    async def remove_lora(self, name: str) -> None:
+        """Forgets an adapter now, or as soon as the requests using it have finished."""
+        def remove() -> None:
+            if not self.engine.remove_lora(name) and self.engine.has_lora(name):
+                self._pending_removals.add(name)
+        await self.call(remove)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, lora: str | None = None) -> AsyncIterator[StepOutput]:
@@ -105,7 +121,7 @@ class AsyncLLMEngine:
 
     def stats(self) -> dict[str, float]:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_cache_usage": self.engine.block_manager.usage}
+                "kv_cache_usage": self.engine.block_manager.usage, "adapters": len(self.engine.lora_names())}
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -152,6 +168,9 @@ class AsyncLLMEngine:
                         self.engine.add_request(request_id, prompt, params, lora)
                     except InvalidRequestError as exc:  # raced a twin id: fail that stream, not the loop
                         self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+                for name in list(self._pending_removals):
+                    if self.engine.remove_lora(name):
+                        self._pending_removals.discard(name)
                 if not self.engine.has_unfinished():
                     self._wake.wait(timeout=1.0)
                     continue

@@ -84,6 +84,9 @@ class LLMEngine:
     def has_lora(self, name: str) -> bool:
         return name in self._adapters
 
+    def lora_names(self) -> list[str]:
+        return sorted(self._adapters)
+
     def validate(self, request_id: str, prompt_token_ids: list[int], lora: str | None = None) -> None:
         """Raises InvalidRequestError for input the engine cannot run."""
         if lora is not None and lora not in self._adapters:

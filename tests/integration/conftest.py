@@ -31,9 +31,15 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def app_args(tiny_chat_dir) -> dict:
+def storage_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="session")
+def app_args(tiny_chat_dir, storage_root) -> dict:
     return {"model": {"source": str(tiny_chat_dir), "served_name": "tiny-chat"},
-            "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05}}
+            "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05},
+            "storage_root": str(storage_root), "max_upload_mb": 1}
 
 
 @pytest.fixture(scope="session")

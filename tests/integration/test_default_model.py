@@ -5,13 +5,15 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def default_client(ray_cluster, serve_app):
+def default_client(ray_cluster, serve_app, tmp_path_factory):
     import openai
     from ray import serve
 
     from llmaas.app.builder import build_app
 
-    serve.run(build_app({"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.2}}), name="default-model",
+    args = {"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.2},
+            "storage_root": str(tmp_path_factory.mktemp("default-storage"))}
+    serve.run(build_app(args), name="default-model",
               route_prefix="/default")
     yield openai.OpenAI(base_url=f"{ray_cluster}/default/v1", api_key="unused", max_retries=0, timeout=120)
     serve.delete("default-model")

@@ -1,0 +1,123 @@
+"""Files, fine-tuning jobs and adapter administration: the Router's non-inference routes, free of FastAPI."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmaas.app.errors import InvalidRequest, NotFound
+from llmaas.app.files import FileObject, FileStore
+from llmaas.app.finetuning import (
+    FineTuningJobObject,
+    FineTuningJobRequest,
+    RegisterOnSuccess,
+    build_job,
+    checkpoints_page,
+    events_page,
+    get_job_runner,
+    job_object,
+)
+from llmaas.app.registry import BaseModelInfo, RegistryState, parse_model_id
+from llmaas.app.registry_service import get_registry_service
+from llmaas.training.store import JobRecord, JobStore, new_job_id
+
+
+class RegisterAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Adapter name; the new version is name@N.")
+    path: str = Field(description="A PEFT LoRA directory on storage every replica can read (safetensors only).")
+    promote: bool = Field(False, description="Move the alias to the new version at once.")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    canary_share: float | None = Field(None, gt=0, lt=1, description="Send this share to the new version first.")
+
+
+class Management:
+    def __init__(self, storage_root: Path, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
+                 max_upload_bytes: int) -> None:
+        self.storage_root = Path(storage_root)
+        self.base_path = base_path
+        self.base_info = base_info
+        self.base_names = base_names
+        self.max_upload_bytes = max_upload_bytes
+        self.files = FileStore(storage_root)
+        self.jobs = JobStore(storage_root)
+        self.registry = get_registry_service(storage_root)
+        self.runner = get_job_runner(storage_root)
+
+    # ----- files -----
+    def upload(self, data: bytes, filename: str, purpose: str, owner: str | None = None) -> FileObject:
+        return self.files.create(data, filename, purpose, owner)
+
+    # ----- fine-tuning jobs -----
+    async def create_job(self, req: FineTuningJobRequest, owner: str | None = None) -> FineTuningJobObject:
+        if req.model not in self.base_names:
+            raise InvalidRequest(f"fine-tuning starts from the served base model ({', '.join(self.base_names)}), "
+                                 f"not {req.model!r}", param="model")
+        train = self.files.data_path(req.training_file, owner)
+        val = self.files.data_path(req.validation_file, owner) if req.validation_file else None
+        job_id = new_job_id()
+        job = build_job(req, self.base_path, self.storage_root, train, val, default_name=f"ft-{job_id[6:14]}")
+        record = JobRecord(id=job_id, job=job.model_dump(mode="json"), owner=owner,
+                           api={"model": req.model, "training_file": req.training_file,
+                                "validation_file": req.validation_file, "metadata": req.metadata})
+        on_success = RegisterOnSuccess(str(self.storage_root), self.base_info, owner)
+        await self.runner.submit.remote(record, job, on_success)
+        return job_object(record)
+
+    def _record(self, job_id: str, owner: str | None) -> JobRecord:
+        try:
+            record = self.jobs.get(job_id)
+        except ValueError:
+            record = None
+        if record is None or (owner is not None and record.owner != owner):
+            raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
+        return record
+
+    def get_job(self, job_id: str, owner: str | None = None) -> FineTuningJobObject:
+        return job_object(self._record(job_id, owner))
+
+    def list_jobs(self, limit: int, after: str | None, owner: str | None = None) -> dict[str, Any]:
+        records = [r for r in self.jobs.list() if owner is None or r.owner == owner]
+        if after is not None:
+            ids = [r.id for r in records]
+            records = records[ids.index(after) + 1:] if after in ids else []
+        return {"object": "list", "data": [job_object(r).model_dump() for r in records[:limit]],
+                "has_more": len(records) > limit}
+
+    async def cancel_job(self, job_id: str, owner: str | None = None) -> FineTuningJobObject:
+        self._record(job_id, owner)
+        return job_object(await self.runner.cancel.remote(job_id))
+
+    def job_events(self, job_id: str, limit: int, after: str | None, owner: str | None = None) -> dict[str, Any]:
+        self._record(job_id, owner)
+        return events_page(self.jobs, job_id, limit, after)
+
+    def job_checkpoints(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        return checkpoints_page(self._record(job_id, owner))
+
+    # ----- adapters -----
+    async def register_adapter(self, req: RegisterAdapterRequest) -> tuple[str, RegistryState]:
+        version = await self.registry.register.remote(req.name, req.path, self.base_info, source=f"path {req.path}",
+                                                      promote=req.promote)
+        return version, await self.registry.snapshot.remote()
+
+    async def promote(self, name: str, req: PromoteRequest) -> RegistryState:
+        return await self.registry.promote.remote(name, req.version, req.canary_share)
+
+    async def rollback(self, name: str) -> RegistryState:
+        return await self.registry.rollback.remote(name)
+
+    async def delete_version(self, model: str) -> RegistryState:
+        name, version = parse_model_id(model)
+        if version is None:
+            raise InvalidRequest("delete names a version, e.g. sentiment@2", param="model")
+        return await self.registry.delete.remote(name, version)
+
+    async def watch(self, generation: int, timeout_s: float = 30.0) -> RegistryState:
+        """Returns the registry as soon as it differs from ``generation`` (long poll)."""
+        return await self.registry.wait_for_change.remote(generation, timeout_s)
