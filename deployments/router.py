@@ -3,8 +3,10 @@
 HTTP routes and the Python handle API (``chat``, ``completions``, ``chat_stream``,
 ``completions_stream``) share one OpenAIServing core; errors leave as OpenAI-shaped
 JSON with OpenAI's status codes (400 for validation, never FastAPI's 422).
+
+No ``from __future__ import annotations`` here: Serve's ingress rebuilds the routes
+and needs real annotation objects to see pydantic bodies (strings became query params).
 """
-from __future__ import annotations
 
 import asyncio
 import json
@@ -159,10 +161,11 @@ class Router:
                                      self.catalog, config.max_n, config.max_stop_sequences)
         self._watcher: asyncio.Task | None = None
 
-    def _watch(self) -> None:
+    async def _watch(self) -> None:
         """Keeps the catalog's registry snapshot fresh: a long poll that returns on every change."""
         if self._watcher is not None and not self._watcher.done():
             return
+        self._set_state(await self.manage.registry.snapshot.remote())  # catch up before the first request
 
         async def loop() -> None:
             while True:
@@ -185,12 +188,12 @@ class Router:
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
-        self._watch()
+        await self._watch()
         return self.serving.models()
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest):
-        self._watch()
+        await self._watch()
         if request.stream:
             prepared = await self.serving.prepare_chat(request)  # 4xx before the stream opens
             return _sse(self.serving.chat_stream(request, prepared))
@@ -198,7 +201,7 @@ class Router:
 
     @api.post("/v1/completions")
     async def http_completions(self, request: CompletionRequest):
-        self._watch()
+        await self._watch()
         if request.stream:
             prepared = await self.serving.prepare_completion(request)
             return _sse(self.serving.completion_stream(request, prepared))
@@ -256,7 +259,7 @@ class Router:
     # ----- HTTP: adapter administration -----
     @api.get("/v1/adapters")
     async def list_adapters(self):
-        self._watch()
+        await self._watch()
         return self.catalog.state.model_dump()
 
     @api.post("/v1/adapters")
@@ -283,22 +286,22 @@ class Router:
     # ----- Python handle API: same types as HTTP -----
     async def chat(self, request: ChatCompletionRequest | dict):
         """``await handle.chat.remote({...})`` -> ChatCompletionResponse."""
-        self._watch()
+        await self._watch()
         return await self.serving.chat(_parse(ChatCompletionRequest, request))
 
     async def completions(self, request: CompletionRequest | dict):
         """``await handle.completions.remote({...})`` -> CompletionResponse."""
-        self._watch()
+        await self._watch()
         return await self.serving.completion(_parse(CompletionRequest, request))
 
     async def chat_stream(self, request: ChatCompletionRequest | dict):
         """``handle.options(stream=True).chat_stream.remote({...})`` yields ChatCompletionChunk."""
-        self._watch()
+        await self._watch()
         async for chunk in self.serving.chat_stream(_parse(ChatCompletionRequest, request)):
             yield chunk
 
     async def completions_stream(self, request: CompletionRequest | dict):
         """``handle.options(stream=True).completions_stream.remote({...})`` yields CompletionResponse chunks."""
-        self._watch()
+        await self._watch()
         async for chunk in self.serving.completion_stream(_parse(CompletionRequest, request)):
             yield chunk

@@ -38,3 +38,24 @@ def save_tiny_chat_model(target: Path, tokenizer_dir: Path, seed: int = 0) -> Pa
         if src.exists():
             shutil.copy(src, target / extra)
     return target
+
+
+ALL_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base, path, seed: int, r: int = 8, targets=ALL_LORA_MODULES, b_std: float = 0.3,
+                      **extra) -> str:
+    """A random PEFT LoRA adapter (safetensors) whose delta visibly changes greedy output."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
+    peft_model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # init_lora_weights=False leaves B small: make the delta matter
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    peft_model.save_pretrained(str(path))
+    return str(path)

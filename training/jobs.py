@@ -68,9 +68,9 @@ def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) 
     try:
         record = _run(job, job_id, store)
         if on_success is not None:
-            record = on_success(record)
+            record = on_success(record)  # e.g. registration: the job only succeeds once it is done
         store.add_event(job_id, "status", f"job succeeded: {record.adapter_dir}")
-        return record
+        return store.update(job_id, status="succeeded")
     except Exception as exc:  # the record must say why, whatever failed
         message = str(exc) if isinstance(exc, (DataError, JobError)) else f"{type(exc).__name__}: {exc}"
         store.add_event(job_id, "error", message)
@@ -146,8 +146,8 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     store.add_event(job_id, "eval", f"metrics {after} (base: {before}); thresholds "
                     f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
     shutil.rmtree(job_dir / "fault_injected", ignore_errors=True)
-    return store.update(job_id, status="succeeded", adapter_dir=str(target), metrics=after, metrics_before=before,
-                        eval_passed=ok, trained_tokens=state["tokens_seen"])
+    return store.update(job_id, adapter_dir=str(target), metrics=after, metrics_before=before, eval_passed=ok,
+                        trained_tokens=state["tokens_seen"])
 
 
 class JobHandle:

@@ -62,7 +62,9 @@ def base_url(ray_cluster, serve_app) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(base_url):
+def client(base_url, storage_root):
     import openai
 
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    c._storage_root = str(storage_root)  # lets tests look at what the service wrote
+    return c

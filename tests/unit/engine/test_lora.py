@@ -10,10 +10,10 @@ import torch
 
 from llmaas.deployments.engine import AdapterError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from llmaas.deployments.engine.lora import SlotTable
-from tests.models import tiny_llama
+from tests.models import ALL_LORA_MODULES, make_peft_adapter, tiny_llama
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_MODULES = ALL_LORA_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +22,7 @@ def base():
 
 
 def make_adapter(base, path, seed: int, r: int = 8, targets=ALL_MODULES, **extra) -> str:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
-    peft_model = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():  # init_lora_weights=False leaves B random but small: make the delta matter
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    peft_model.save_pretrained(str(path))
-    return str(path)
+    return make_peft_adapter(base, path, seed, r, targets, **extra)
 
 
 def peft_greedy(base, adapter_dir, prompt: list[int], max_new: int = 16) -> list[int]:

@@ -1,0 +1,177 @@
+"""Adapters over the real graph: register by path, resolve aliases and versions, hot-swap under load."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import json
+import pickle
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.models import make_peft_adapter
+
+PROMPT = [{"role": "user", "content": "Say something."}]
+GEN = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_chat_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(base_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_peft_adapter(base_model, root / f"a{i}", seed=100 + i, b_std=1.0) for i in range(3)]
+
+
+def admin(base_url, method, path, **kwargs):
+    r = httpx.request(method, f"{base_url}{path}", timeout=60, **kwargs)
+    return r
+
+
+def register(base_url, name, path, promote=False) -> str:
+    r = admin(base_url, "POST", "/v1/adapters", json={"name": name, "path": path, "promote": promote})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def chat_text(client, model) -> tuple[str, str]:
+    r = client.chat.completions.create(model=model, messages=PROMPT, **GEN)
+    return r.model, r.choices[0].message.content
+
+
+def test_registered_adapter_output_equals_peft(base_url, client, adapter_dirs, base_model, default_tokenizer):
+    from peft import PeftModel
+
+    version = register(base_url, "peftcheck", adapter_dirs[0], promote=True)
+    assert version == "peftcheck@1"
+    prompt_ids = default_tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs[0]).eval()
+    ids = torch.tensor([prompt_ids])
+    expected = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=None)[0, len(prompt_ids):].tolist()
+    model, text = chat_text(client, "peftcheck")
+    assert model == "peftcheck@1"
+    assert text == default_tokenizer.decode(expected, skip_special_tokens=True)
+    assert chat_text(client, "base")[1] != text
+    ids = {m.id for m in client.models.list().data}
+    assert {"peftcheck", "peftcheck@1"} <= ids
+
+
+def test_hot_swap_under_load_fails_nothing_and_mixes_no_versions(base_url, client, adapter_dirs):
+    register(base_url, "swap", adapter_dirs[1], promote=True)
+    register(base_url, "swap", adapter_dirs[2])
+    expected = {v: chat_text(client, v)[1] for v in ("swap@1", "swap@2")}
+    assert expected["swap@1"] != expected["swap@2"]
+
+    stop = threading.Event()
+    results: list[tuple[float, str, str]] = []
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            try:
+                if i % 2:
+                    chunks = list(client.chat.completions.create(model="swap", messages=PROMPT, stream=True, **GEN))
+                    models = {c.model for c in chunks}
+                    if len(models) != 1:
+                        failures.append(f"one stream, several versions: {models}")
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                    results.append((time.monotonic(), models.pop(), text))
+                else:
+                    model, text = chat_text(client, "swap")
+                    results.append((time.monotonic(), model, text))
+            except Exception as exc:  # any failure fails the test
+                failures.append(repr(exc))
+
+    def first_seen(version: str, since: float, timeout: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(t >= since and m == version for t, m, _ in list(results)):
+                return min(t for t, m, _ in list(results) if t >= since and m == version) - since
+            time.sleep(0.02)
+        return float("inf")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    visible = []
+    try:
+        time.sleep(1.0)
+        for target in (2, 1, 2):
+            t0 = time.monotonic()
+            assert admin(base_url, "POST", "/v1/adapters/swap/promote", json={"version": target}).status_code == 200
+            visible.append(first_seen(f"swap@{target}", t0))
+            time.sleep(0.5)
+        r = admin(base_url, "POST", "/v1/adapters/swap/promote", json={"version": 1, "canary_share": 0.5})
+        assert r.status_code == 200, r.text
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    assert len(results) > 20
+    for _, model, text in results:
+        assert text == expected[model], f"{model} answered with another version's text"
+    assert max(visible) < 1.0, visible  # response latency included
+    canary_models = {m for t, m, _ in results[-8:]}
+    assert canary_models <= {"swap@1", "swap@2"}
+
+
+def test_rollback_and_delete_rules(base_url, adapter_dirs):
+    register(base_url, "rb", adapter_dirs[0], promote=True)
+    register(base_url, "rb", adapter_dirs[1], promote=True)
+    r = admin(base_url, "DELETE", "/v1/adapters/rb@2")
+    assert r.status_code == 409 and r.json()["error"]["param"] == "model"
+    assert admin(base_url, "POST", "/v1/adapters/rb/rollback").json()["alias"] == 1
+    assert admin(base_url, "DELETE", "/v1/adapters/rb@2").status_code == 200
+    assert admin(base_url, "POST", "/v1/adapters/rb/rollback").status_code == 409
+
+
+def _evil_dir(tmp_path):
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "SENTINEL"), "w"))
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                        "target_modules": ["q_proj"]}))
+    (d / "adapter_model.bin").write_bytes(pickle.dumps(Bomb()))
+    return d
+
+
+def test_bad_adapters_get_4xx_and_live_traffic_is_unharmed(base_url, client, base_model, tmp_path):
+    from tests.models import tiny_llama
+
+    wrong_base = make_peft_adapter(tiny_llama(seed=1, hidden_size=32, intermediate_size=64), tmp_path / "w", seed=1)
+    too_big = make_peft_adapter(base_model, tmp_path / "big", seed=1, r=32)
+    cases = [
+        ({"name": "../etc", "path": str(tmp_path)}, 400, "name"),
+        ({"name": "Bad Name", "path": str(tmp_path)}, 400, "name"),
+        ({"name": "base", "path": str(tmp_path)}, 400, "name"),
+        ({"name": "evil", "path": str(_evil_dir(tmp_path))}, 400, "path"),
+        ({"name": "wrong", "path": wrong_base}, 400, "path"),
+        ({"name": "big", "path": too_big}, 400, "path"),
+        ({"name": "missing", "path": str(tmp_path / "nope")}, 400, "path"),
+    ]
+    with cf.ThreadPoolExecutor(2) as pool:
+        live = pool.submit(lambda: [chat_text(client, "base") for _ in range(4)])
+        for body, status, param in cases:
+            r = admin(base_url, "POST", "/v1/adapters", json=body)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["param"] == param, (body, r.text)
+        assert len(live.result()) == 4
+    assert not (tmp_path / "SENTINEL").exists()
+    for model in ("../../etc", "nope@1", "peftcheck@99", "peftcheck@x"):
+        r = admin(base_url, "POST", "/v1/chat/completions", json={"model": model, "messages": PROMPT})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
