@@ -1,0 +1,65 @@
+"""An app restart loses nothing: registry, aliases, files and job records survive; a job cut off is marked failed."""
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from llmaas.app.builder import build_app
+from llmaas.app.registry_service import actor_name
+
+APP = "restart-app"
+
+
+@pytest.fixture(scope="module")
+def restart_setup(ray_cluster, app_args, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("restart-storage")
+    args = {**app_args, "storage_root": str(storage)}
+    serve.run(build_app(args), name=APP, route_prefix="/restart")
+    client = openai.OpenAI(base_url=f"{ray_cluster}/restart/v1", api_key="unused", max_retries=0, timeout=60)
+    return args, client, storage
+
+
+def test_state_survives_restart_and_interrupted_job_is_failed(restart_setup, tiny_chat_dir, ray_cluster, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import make_peft_adapter
+
+    args, client, storage = restart_setup
+    adapter = make_peft_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), tmp_path / "a", seed=5)
+    r = httpx.post(f"{ray_cluster}/restart/v1/adapters", json={"name": "keep", "path": adapter, "promote": True},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    rows = b'{"prompt": "a", "completion": "b"}\n' * 64
+    f = client.files.create(file=("t.jsonl", io.BytesIO(rows)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=f.id, hyperparameters={"n_epochs": 100},
+                                         extra_body={"llmaas": {"num_workers": 1}})
+    deadline = time.monotonic() + 60
+    while client.fine_tuning.jobs.retrieve(job.id).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    before = client.chat.completions.create(model="keep", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=5, temperature=0).choices[0].message.content
+
+    # The app goes down with its job runner (Serve replicas and the runner actor both die), then comes back.
+    serve.delete(APP)
+    runner = ray.get_actor(actor_name("jobs", storage), namespace="llmaas")
+    ray.kill(runner, no_restart=False)
+    serve.run(build_app(args), name=APP, route_prefix="/restart")
+
+    assert f.id in {x.id for x in client.files.list().data}
+    ids = {m.id for m in client.models.list().data}
+    assert {"keep", "keep@1"} <= ids
+    after = client.chat.completions.create(model="keep", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=0)
+    assert after.model == "keep@1" and after.choices[0].message.content == before
+    deadline = time.monotonic() + 30
+    while (record := client.fine_tuning.jobs.retrieve(job.id)).status not in ("failed", "succeeded") \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert record.status == "failed" and "interrupted" in record.error.message
+    serve.delete(APP)
