@@ -5,7 +5,7 @@ import random
 
 from llmaas.app.errors import NotFound
 from llmaas.app.protocol import ModelCard
-from llmaas.app.registry import RegistryState, resolve
+from llmaas.app.registry import AdapterEntry, RegistryState, parse_model_id, resolve
 
 BASE_ALIAS = "base"
 
@@ -20,21 +20,33 @@ class ModelCatalog:
         self.state = state or RegistryState()
         self.rng = rng or random.Random()
 
-    def resolve(self, model: str) -> str | None:
-        """None for the base model, else the immutable adapter version id to run; 404 if unknown."""
+    @staticmethod
+    def visible(entry: AdapterEntry, tenant: str | None) -> bool:
+        """Shared adapters (no owner) are visible to all; a tenant's own only to that tenant (and admins)."""
+        return tenant is None or entry.owner is None or entry.owner == tenant
+
+    def resolve(self, model: str, tenant: str | None = None) -> str | None:
+        """None for the base model, else the immutable adapter version id to run; 404 if unknown or not yours."""
         if model in (self.served_name, BASE_ALIAS):
             return None
+        names = [BASE_ALIAS, self.served_name, *sorted(n for n, e in self.state.adapters.items()
+                                                         if self.visible(e, tenant))]
         try:
+            name, _ = parse_model_id(model)
+            entry = self.state.adapters.get(name)
+            if entry is not None and not self.visible(entry, tenant):
+                raise NotFound(f"model {model!r} not found", param="model", code="model_not_found")
             return resolve(self.state, model, self.rng)
         except NotFound as exc:
-            names = [BASE_ALIAS, self.served_name, *sorted(self.state.adapters)]
             raise NotFound(f"{exc.message}; available: {', '.join(names)}", param="model",
                            code="model_not_found") from None
 
-    def cards(self) -> list[ModelCard]:
+    def cards(self, tenant: str | None = None) -> list[ModelCard]:
         cards = [ModelCard(id=self.served_name, max_model_len=self.max_model_len),
                  ModelCard(id=BASE_ALIAS, max_model_len=self.max_model_len, parent=self.served_name)]
         for name, entry in sorted(self.state.adapters.items()):
+            if not self.visible(entry, tenant):
+                continue
             if entry.alias is not None or entry.canary:
                 cards.append(ModelCard(id=name, parent=self.served_name, max_model_len=self.max_model_len,
                                        alias_of=f"{name}@{entry.alias}" if entry.alias else None,

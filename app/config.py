@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmaas.app.auth import AuthSettings
 from llmaas.deployments.engine import EngineConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,5 +79,8 @@ class AppConfig(BaseModel):
         Path.home() / ".cache" / "llmaas" / "storage",
         description="Registry, adapters, uploaded files and fine-tuning jobs (shared storage on a cluster).")
     max_upload_mb: float = Field(100.0, gt=0, description="Largest /v1/files upload (413 above).")
+    max_body_mb: float = Field(4.0, gt=0, description="Largest JSON request body (413 above).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages per request.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and tenants; none = open.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")

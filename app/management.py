@@ -28,6 +28,7 @@ class RegisterAdapterRequest(BaseModel):
     name: str = Field(description="Adapter name; the new version is name@N.")
     path: str = Field(description="A PEFT LoRA directory on storage every replica can read (safetensors only).")
     promote: bool = Field(False, description="Move the alias to the new version at once.")
+    owner: str | None = Field(None, description="Tenant that owns it; none = shared with every tenant.")
 
 
 class PromoteRequest(BaseModel):
@@ -103,7 +104,7 @@ class Management:
     # ----- adapters -----
     async def register_adapter(self, req: RegisterAdapterRequest) -> tuple[str, RegistryState]:
         version = await self.registry.register.remote(req.name, req.path, self.base_info, source=f"path {req.path}",
-                                                      promote=req.promote)
+                                                      owner=req.owner, promote=req.promote)
         return version, await self.registry.snapshot.remote()
 
     async def promote(self, name: str, req: PromoteRequest) -> RegistryState:

@@ -73,13 +73,14 @@ class OpenAIServing:
         self.max_n = max_n
         self.max_stop_sequences = max_stop_sequences
 
-    def models(self) -> ModelList:
-        return ModelList(data=self.catalog.cards())
+    def models(self, tenant: str | None = None) -> ModelList:
+        return ModelList(data=self.catalog.cards(tenant))
 
     # ----- preparation: everything that can fail with a 4xx happens before any token -----
-    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[str], str | None]:
+    def _check_common(self, req: ChatCompletionRequest | CompletionRequest,
+                      tenant: str | None) -> tuple[list[str], str | None]:
         """Returns (stop strings, adapter version). The version is resolved once, here, for the whole request."""
-        adapter = self.catalog.resolve(req.model)
+        adapter = self.catalog.resolve(req.model, tenant)
         if req.n > self.max_n:
             raise InvalidRequest(f"n must be <= {self.max_n}, got {req.n}", param="n")
         stops = req.stop_list()
@@ -93,14 +94,14 @@ class OpenAIServing:
         return SamplingParams(max_tokens=prompt.max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, seed=seed, ignore_eos=req.ignore_eos)
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        stops, adapter = self._check_common(req)
+    async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
+        stops, adapter = self._check_common(req, tenant)
         prompt = await self.backend.encode_chat(req.messages, req.token_limit())
         return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter) for i in range(req.n)],
                         stops, adapter or req.model)
 
-    async def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        stops, adapter = self._check_common(req)
+    async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
+        stops, adapter = self._check_common(req, tenant)
         if req.echo:
             raise InvalidRequest("echo is not supported", param="echo")
         prompts = await asyncio.gather(*(self.backend.encode_prompt(p, req.token_limit()) for p in req.prompts()))
@@ -187,8 +188,8 @@ class OpenAIServing:
                 reasons[ev.index] = ev.finish_reason
         return texts, reasons, self._usage(prep.choices, completion)
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        prep = await self.prepare_chat(req)
+    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
+        prep = await self.prepare_chat(req, tenant)
         rid = new_id("chatcmpl")
         texts, reasons, usage = await self._collect(rid, prep)
         return ChatCompletionResponse(
@@ -196,8 +197,8 @@ class OpenAIServing:
             choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r)
                      for i, (t, r) in enumerate(zip(texts, reasons))])
 
-    async def completion(self, req: CompletionRequest) -> CompletionResponse:
-        prep = await self.prepare_completion(req)
+    async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
+        prep = await self.prepare_completion(req, tenant)
         rid = new_id("cmpl")
         texts, reasons, usage = await self._collect(rid, prep)
         return CompletionResponse(

@@ -20,8 +20,9 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new: int) -> list[int]:
 
 
 def test_models_lists_served_name_and_base(client):
-    ids = {m.id for m in client.models.list().data}
-    assert ids == {"tiny-chat", "base"}
+    models = {m.id: m for m in client.models.list().data}
+    assert {"tiny-chat", "base"} <= set(models)
+    assert models["base"].parent == "tiny-chat" and models["tiny-chat"].max_model_len == 256
 
 
 def test_chat_completion_greedy_equals_transformers(client, tiny_chat_dir, default_tokenizer):

@@ -1,0 +1,201 @@
+"""Offline engine throughput vs peers measured in the same run.
+
+    python -m llmaas.benchmarks.engine_throughput --quick                      # CPU smoke (tiny model)
+    python -m llmaas.benchmarks.engine_throughput --model default --requests 32 --prompt-tokens 128 \\
+        --gen-tokens 64 --dtype bfloat16                                         # CPU, SmolLM2
+    python -m llmaas.benchmarks.engine_throughput --config llama-3.2-1b --requests 256 --prompt-tokens 128 \\
+        --gen-tokens 128 --dtype bfloat16 --adapters 8                          # GPU, random weights
+
+Cases: ours (continuous batching, paged KV) vs HF ``generate()`` eager, batched and
+padded, same dtype; with --adapters N, ours with N distinct LoRA adapters mixed in one
+batch vs ours base-only, and PEFT multi-adapter generate as a peer. Every request
+generates exactly gen-tokens (EOS ignored). Runs without Ray: only torch,
+transformers, peft (the GPU box's stack); run from the repo root as
+``python -m benchmarks.engine_throughput`` when llmaas is not installed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import time
+
+import torch
+
+try:  # installed package, or the bare repo on a GPU box
+    from llmaas.benchmarks.common import print_table, save
+    from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+except ImportError:  # pragma: no cover
+    from benchmarks.common import print_table, save
+    from deployments.engine import EngineConfig, LLMEngine, SamplingParams
+
+CONFIGS = {  # real shapes, random weights: nothing is downloaded
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+}
+
+
+def build_model(args) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model == "default":
+        from llmaas.app.config import ModelSettings
+        from llmaas.app.model_source import resolve_model
+
+        return AutoModelForCausalLM.from_pretrained(resolve_model(ModelSettings()).path, dtype=torch.float32)
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                      **CONFIGS[args.config])
+    with torch.device(args.device):
+        return LlamaForCausalLM(cfg).to(DTYPES[args.dtype]).eval()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(model, prompts, args, loras=None, adapters=()) -> float:
+    cfg = EngineConfig(max_model_len=args.prompt_tokens + args.gen_tokens + 16, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_batched_tokens, dtype=DTYPES[args.dtype], device=args.device,
+                       num_kv_blocks=None if args.device.startswith("cuda") else
+                       (len(prompts) * (args.prompt_tokens + args.gen_tokens)) // 16 + 64,
+                       max_loras=max(1, len(adapters)), max_lora_rank=args.lora_rank)
+    engine = LLMEngine(model, cfg)
+    for i, path in enumerate(adapters):
+        engine.add_lora(f"a{i}", path)
+    params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                    loras[:2] if loras else None)  # warm-up
+    sync(args.device)
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params, loras)
+    sync(args.device)
+    dt = time.perf_counter() - t
+    assert all(len(o) == args.gen_tokens for o in outs)
+    return len(prompts) * args.gen_tokens / dt
+
+
+@torch.inference_mode()
+def run_hf(model, prompts, args, batch_size: int) -> float:
+    """HF generate, eager, left-padded batches (its best batched path without a static cache)."""
+    def go(batch):
+        ids = torch.tensor(batch, device=args.device)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
+                       min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)
+
+    go(prompts[:2])
+    sync(args.device)
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        go(prompts[i:i + batch_size])  # equal prompt lengths: no padding is needed
+    sync(args.device)
+    return len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+
+
+def make_adapters(model, n: int, rank: int, out_dir) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        peft_model = get_peft_model(copy.deepcopy(model).float().cpu(), LoraConfig(
+            r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        path = f"{out_dir}/a{i}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+@torch.inference_mode()
+def run_peft(model, prompts, args, adapters, batch_size: int) -> float:
+    """PEFT's mixed-batch LoRA inference (``adapter_names=`` per row) through HF generate."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        peft_model.load_adapter(path, adapter_name=f"a{i}")
+    peft_model = peft_model.to(args.device, DTYPES[args.dtype]).eval()
+    names = [f"a{i % len(adapters)}" for i in range(len(prompts))]
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        ids = torch.tensor(prompts[i:i + batch_size], device=args.device)
+        peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
+                            min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0,
+                            adapter_names=names[i:i + batch_size])
+    sync(args.device)
+    return len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="'default' (SmolLM2) or a checkpoint dir; else --config")
+    p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hf-batch", type=int, default=None, help="HF generate batch size (default: all requests)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=4096)
+    p.add_argument("--adapters", type=int, default=0, help="mix N distinct LoRA adapters into the batch")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.config, args.requests, args.prompt_tokens, args.gen_tokens, args.adapters = "tiny", 8, 16, 8, 2
+        args.model = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args)
+    if args.model:
+        model = model.to(args.device, DTYPES[args.dtype]).eval()
+    vocab = model.config.vocab_size
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
+    hf_batch = args.hf_batch or args.requests
+    rows = []
+    ours = run_ours(model, prompts, args)
+    hf = run_hf(model, prompts, args, hf_batch)
+    rows.append({"case": "base", "ours_tok_s": ours, "peer": f"HF generate eager (batch {hf_batch})",
+                 "peer_tok_s": hf, "ratio": ours / hf})
+    if args.adapters:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            paths = make_adapters(model, args.adapters, args.lora_rank, d)
+            loras = [f"a{i % args.adapters}" for i in range(len(prompts))]
+            mixed = run_ours(model, prompts, args, loras, paths)
+            rows.append({"case": f"{args.adapters} adapters mixed", "ours_tok_s": mixed,
+                         "peer": "ours base-only", "peer_tok_s": ours, "ratio": mixed / ours})
+            peft = run_peft(model, prompts, args, paths, hf_batch)
+            rows.append({"case": f"{args.adapters} adapters mixed", "ours_tok_s": mixed,
+                         "peer": f"PEFT generate adapter_names (batch {hf_batch})", "peer_tok_s": peft,
+                         "ratio": mixed / peft})
+    print_table(rows, ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])
+    if not args.no_save:
+        name = "engine_throughput" + ("_quick" if args.quick else "")
+        print("saved", save(name, {"args": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
