@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmaas.app.auth import ANONYMOUS, Authenticator, Principal, require_admin
 from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
 from llmaas.app.config import AppConfig
 from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, unwrap
@@ -47,6 +48,31 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or None
+
+
+OPEN_PATHS = {"/health"}  # the only route that answers without a key when keys are configured
+
+
+@api.middleware("http")
+async def _authenticate_and_limit(request: Request, call_next):
+    """Every route but /health needs a key (when keys exist); JSON bodies over the cap get 413 unread."""
+    gate: _Gate | None = getattr(request.app.state, "gate", None)
+    if gate is None:
+        return _error(503, "the service is starting", "service_unavailable")
+    try:
+        request.state.principal = ANONYMOUS if request.url.path in OPEN_PATHS else \
+            gate.auth.authenticate(request.headers.get("authorization"))
+    except APIError as exc:
+        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+    length = request.headers.get("content-length")
+    limit = gate.max_upload_bytes + 65536 if request.url.path == "/v1/files" else gate.max_body_bytes
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return _error(413, f"request body exceeds {limit} bytes", "invalid_request_error", None, "body_too_large")
+    return await call_next(request)
+
+
+def principal(request: Request) -> Principal:
+    return request.state.principal
 
 
 @api.exception_handler(RequestValidationError)
@@ -95,6 +121,15 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Gate:
+    """Per-replica request gate state the middleware reads from ``app.state``."""
+
+    def __init__(self, auth: Authenticator, max_body_bytes: int, max_upload_bytes: int) -> None:
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
 
 
 class _HandleBackend:
@@ -160,6 +195,12 @@ class Router:
         self.serving = OpenAIServing(_HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
                                      self.catalog, config.max_n, config.max_stop_sequences)
         self._watcher: asyncio.Task | None = None
+        auth = Authenticator(config.auth.load_keys())
+        api.state.gate = _Gate(auth, int(config.max_body_mb * (1 << 20)), self.manage.max_upload_bytes)
+        self.max_messages = config.max_messages
+        if not auth.enabled:
+            logger.warning("llmaas: no API keys configured, every request is accepted; keep the HTTP proxy on "
+                           "127.0.0.1 (serve_config.yaml http_options.host) or configure auth.api_keys_file")
 
     async def _watch(self) -> None:
         """Keeps the catalog's registry snapshot fresh: a long poll that returns on every change."""
@@ -187,99 +228,110 @@ class Router:
         return {"status": "ok"}
 
     @api.get("/v1/models", response_model=ModelList)
-    async def list_models(self) -> ModelList:
+    async def list_models(self, who: Principal = Depends(principal)) -> ModelList:
         await self._watch()
-        return self.serving.models()
+        return self.serving.models(who.tenant)
+
+    def _check_messages(self, request: ChatCompletionRequest) -> None:
+        if len(request.messages) > self.max_messages:
+            raise InvalidRequest(f"at most {self.max_messages} messages are allowed", param="messages")
 
     @api.post("/v1/chat/completions")
-    async def http_chat(self, request: ChatCompletionRequest):
+    async def http_chat(self, request: ChatCompletionRequest, who: Principal = Depends(principal)):
         await self._watch()
+        self._check_messages(request)
         if request.stream:
-            prepared = await self.serving.prepare_chat(request)  # 4xx before the stream opens
+            prepared = await self.serving.prepare_chat(request, who.tenant)  # 4xx before the stream opens
             return _sse(self.serving.chat_stream(request, prepared))
-        return await self.serving.chat(request)
+        return await self.serving.chat(request, who.tenant)
 
     @api.post("/v1/completions")
-    async def http_completions(self, request: CompletionRequest):
+    async def http_completions(self, request: CompletionRequest, who: Principal = Depends(principal)):
         await self._watch()
         if request.stream:
-            prepared = await self.serving.prepare_completion(request)
+            prepared = await self.serving.prepare_completion(request, who.tenant)
             return _sse(self.serving.completion_stream(request, prepared))
-        return await self.serving.completion(request)
+        return await self.serving.completion(request, who.tenant)
 
     # ----- HTTP: files -----
     @api.post("/v1/files", response_model=FileObject)
-    async def upload_file(self, request: Request, file: UploadFile = File(...), purpose: str = Form(...)):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.manage.max_upload_bytes + 65536:
-            raise PayloadTooLarge(f"upload exceeds {self.manage.max_upload_bytes} bytes", param="file")
+    async def upload_file(self, file: UploadFile = File(...), purpose: str = Form(...),
+                          who: Principal = Depends(principal)):
         data = await file.read(self.manage.max_upload_bytes + 1)
         if len(data) > self.manage.max_upload_bytes:
             raise PayloadTooLarge(f"upload exceeds {self.manage.max_upload_bytes} bytes", param="file")
-        return self.manage.upload(data, file.filename or "upload.jsonl", purpose)
+        return self.manage.upload(data, file.filename or "upload.jsonl", purpose, who.tenant)
 
     @api.get("/v1/files")
-    async def list_files(self):
-        return {"object": "list", "data": [f.model_dump() for f in self.manage.files.list()], "has_more": False}
+    async def list_files(self, who: Principal = Depends(principal)):
+        return {"object": "list", "data": [f.model_dump() for f in self.manage.files.list(who.tenant)],
+                "has_more": False}
 
     @api.get("/v1/files/{file_id}", response_model=FileObject)
-    async def get_file(self, file_id: str):
-        return self.manage.files.get(file_id)
+    async def get_file(self, file_id: str, who: Principal = Depends(principal)):
+        return self.manage.files.get(file_id, who.tenant)
 
     @api.delete("/v1/files/{file_id}")
-    async def delete_file(self, file_id: str):
-        self.manage.files.delete(file_id)
+    async def delete_file(self, file_id: str, who: Principal = Depends(principal)):
+        self.manage.files.delete(file_id, who.tenant)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ----- HTTP: fine-tuning -----
     @api.post("/v1/fine_tuning/jobs", response_model=FineTuningJobObject)
-    async def create_job(self, request: FineTuningJobRequest):
-        return await self.manage.create_job(request)
+    async def create_job(self, request: FineTuningJobRequest, who: Principal = Depends(principal)):
+        return await self.manage.create_job(request, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs")
-    async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None):
-        return self.manage.list_jobs(limit, after)
+    async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None,
+                        who: Principal = Depends(principal)):
+        return self.manage.list_jobs(limit, after, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
-    async def get_job(self, job_id: str):
-        return self.manage.get_job(job_id)
+    async def get_job(self, job_id: str, who: Principal = Depends(principal)):
+        return self.manage.get_job(job_id, who.tenant)
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobObject)
-    async def cancel_job(self, job_id: str):
-        return await self.manage.cancel_job(job_id)
+    async def cancel_job(self, job_id: str, who: Principal = Depends(principal)):
+        return await self.manage.cancel_job(job_id, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def job_events(self, job_id: str, limit: int = Query(20, ge=1, le=1000), after: str | None = None):
-        return self.manage.job_events(job_id, limit, after)
+    async def job_events(self, job_id: str, limit: int = Query(20, ge=1, le=1000), after: str | None = None,
+                         who: Principal = Depends(principal)):
+        return self.manage.job_events(job_id, limit, after, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(self, job_id: str):
-        return self.manage.job_checkpoints(job_id)
+    async def job_checkpoints(self, job_id: str, who: Principal = Depends(principal)):
+        return self.manage.job_checkpoints(job_id, who.tenant)
 
-    # ----- HTTP: adapter administration -----
+    # ----- HTTP: adapter administration (admin keys only) -----
     @api.get("/v1/adapters")
-    async def list_adapters(self):
+    async def list_adapters(self, who: Principal = Depends(principal)):
+        require_admin(who)
         await self._watch()
         return self.catalog.state.model_dump()
 
     @api.post("/v1/adapters")
-    async def register_adapter(self, request: RegisterAdapterRequest):
+    async def register_adapter(self, request: RegisterAdapterRequest, who: Principal = Depends(principal)):
+        require_admin(who)
         version, state = await self.manage.register_adapter(request)
         self._set_state(state)
         return {"id": version, "object": "model"}
 
     @api.post("/v1/adapters/{name}/promote")
-    async def promote_adapter(self, name: str, request: PromoteRequest):
+    async def promote_adapter(self, name: str, request: PromoteRequest, who: Principal = Depends(principal)):
+        require_admin(who)
         self._set_state(await self.manage.promote(name, request))
         return self.catalog.state.adapters[name].model_dump()
 
     @api.post("/v1/adapters/{name}/rollback")
-    async def rollback_adapter(self, name: str):
+    async def rollback_adapter(self, name: str, who: Principal = Depends(principal)):
+        require_admin(who)
         self._set_state(await self.manage.rollback(name))
         return self.catalog.state.adapters[name].model_dump()
 
     @api.delete("/v1/adapters/{model}")
-    async def delete_adapter(self, model: str):
+    async def delete_adapter(self, model: str, who: Principal = Depends(principal)):
+        require_admin(who)
         self._set_state(await self.manage.delete_version(model))
         return {"id": model, "object": "model", "deleted": True}
 
