@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 
 def new_id(prefix: str) -> str:
@@ -18,7 +18,7 @@ def new_id(prefix: str) -> str:
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = Field(False, description="Send a last chunk with token usage before [DONE].")
+    include_usage: StrictBool = Field(False, description="Send a last chunk with token usage before [DONE].")
 
 
 class _SamplingFields(BaseModel):
@@ -32,13 +32,13 @@ class _SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, description="Extension: sample among the k likeliest tokens.")
     n: int = Field(1, ge=1, description="Choices to generate.")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
     seed: int | None = Field(None, description="Makes sampling reproducible for this request.")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
+    ignore_eos: StrictBool = Field(False, description="Extension: keep generating past end-of-sequence.")
     user: str | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -83,7 +83,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text or token ids.")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI default 16).")
-    echo: bool = False
+    echo: StrictBool = False
 
     @field_validator("prompt")
     @classmethod

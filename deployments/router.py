@@ -59,13 +59,17 @@ async def _authenticate_and_limit(request: Request, call_next):
     gate: _Gate | None = getattr(request.app.state, "gate", None)
     if gate is None:
         return _error(503, "the service is starting", "service_unavailable")
+    path = request.url.path
+    root = request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"  # the app may be mounted under a route prefix
     try:
-        request.state.principal = ANONYMOUS if request.url.path in OPEN_PATHS else \
+        request.state.principal = ANONYMOUS if path in OPEN_PATHS else \
             gate.auth.authenticate(request.headers.get("authorization"))
     except APIError as exc:
         return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
     length = request.headers.get("content-length")
-    limit = gate.max_upload_bytes + 65536 if request.url.path == "/v1/files" else gate.max_body_bytes
+    limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
     if length is not None and (not length.isdigit() or int(length) > limit):
         return _error(413, f"request body exceeds {limit} bytes", "invalid_request_error", None, "body_too_large")
     return await call_next(request)
