@@ -81,6 +81,8 @@ class AppConfig(BaseModel):
     max_upload_mb: float = Field(100.0, gt=0, description="Largest /v1/files upload (413 above).")
     max_body_mb: float = Field(4.0, gt=0, description="Largest JSON request body (413 above).")
     max_messages: int = Field(256, ge=1, description="Most chat messages per request.")
+    response_cache_size: int = Field(
+        0, ge=0, description="Cache this many deterministic (temperature 0 / seeded) responses; 0 turns it off.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and tenants; none = open.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")

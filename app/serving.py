@@ -16,6 +16,7 @@ from llmaas.app.catalog import ModelCatalog
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.postprocess import Decoder, IncrementalDetokenizer, StopMatcher
+from llmaas.app.response_cache import ResponseCache
 from llmaas.app.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -64,14 +65,24 @@ class Prepared:
     model: str  # what responses report: the adapter version that served, or the requested base name
 
 
+class Observer(Protocol):
+    """Receives per-choice timings (the Router feeds Prometheus metrics from it)."""
+
+    def on_choice(self, model: str, ttft_s: float | None, e2e_s: float, prompt_tokens: int,
+                  completion_tokens: int) -> None: ...
+
+
 class OpenAIServing:
     def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, max_n: int,
-                 max_stop_sequences: int) -> None:
+                 max_stop_sequences: int, cache: ResponseCache | None = None,
+                 observer: Observer | None = None) -> None:
         self.backend = backend
         self.decoder = decoder
         self.catalog = catalog
         self.max_n = max_n
         self.max_stop_sequences = max_stop_sequences
+        self.cache = cache or ResponseCache(0)
+        self.observer = observer
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
@@ -117,10 +128,13 @@ class OpenAIServing:
         matcher = StopMatcher(stops)
         num_prompt = len(choice.prompt.token_ids)
         completion_tokens = 0
+        started, first_token = time.perf_counter(), None
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
                                                        choice.params, choice.adapter))
         try:
             async for delta in stream:
+                if first_token is None:
+                    first_token = time.perf_counter()
                 completion_tokens = delta.num_output_tokens
                 text = detok.add(delta.token_ids)
                 if delta.finish_reason is not None:
@@ -137,6 +151,10 @@ class OpenAIServing:
                     yield ChoiceEvent(choice.index, text, None, num_prompt, completion_tokens)
         finally:
             await stream.aclose()  # stops generation early (stop string, client gone)
+            if self.observer is not None:
+                self.observer.on_choice(choice.adapter or "base", None if first_token is None else
+                                        first_token - started, time.perf_counter() - started, num_prompt,
+                                        completion_tokens)
 
     async def _run_all(self, request_id: str, choices: list[PreparedChoice],
                        stops: list[str]) -> AsyncIterator[ChoiceEvent]:
@@ -190,21 +208,31 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
         prep = await self.prepare_chat(req, tenant)
+        key = self.cache.key(tenant, prep.model, req.model_dump())
+        if (hit := self.cache.get(key)) is not None:
+            return hit.model_copy(update={"id": new_id("chatcmpl"), "created": int(time.time())})
         rid = new_id("chatcmpl")
         texts, reasons, usage = await self._collect(rid, prep)
-        return ChatCompletionResponse(
+        response = ChatCompletionResponse(
             id=rid, model=prep.model, usage=usage,
             choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r)
                      for i, (t, r) in enumerate(zip(texts, reasons))])
+        self.cache.put(key, response)
+        return response
 
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
         prep = await self.prepare_completion(req, tenant)
+        key = self.cache.key(tenant, prep.model, req.model_dump())
+        if (hit := self.cache.get(key)) is not None:
+            return hit.model_copy(update={"id": new_id("cmpl"), "created": int(time.time())})
         rid = new_id("cmpl")
         texts, reasons, usage = await self._collect(rid, prep)
-        return CompletionResponse(
+        response = CompletionResponse(
             id=rid, model=prep.model, usage=usage,
             choices=[CompletionChoice(index=i, text=t, finish_reason=r)
                      for i, (t, r) in enumerate(zip(texts, reasons))])
+        self.cache.put(key, response)
+        return response
 
     async def chat_stream(self, req: ChatCompletionRequest,
                           prepared: Prepared | None = None) -> AsyncIterator[ChatCompletionChunk]:

@@ -7,6 +7,7 @@ eviction hands it back (after the requests using it finish).
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import torch
@@ -17,6 +18,7 @@ from llmaas.app.errors import InvalidRequest, ServiceUnavailable
 from llmaas.app.messages import GenerateRequest, TokenDelta
 from llmaas.app.model_source import load_model, resolve_model
 from llmaas.app.registry import Registry, parse_model_id
+from llmaas.deployments.metrics import EngineMetrics
 from llmaas.deployments.engine import (
     AdapterError,
     AsyncLLMEngine,
@@ -30,12 +32,14 @@ from llmaas.deployments.engine import (
 class AdapterLease:
     """What the multiplexer caches per adapter version; eviction releases the engine slot."""
 
-    def __init__(self, engine: AsyncLLMEngine, version_id: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, version_id: str, metrics: EngineMetrics) -> None:
         self.engine = engine
         self.version_id = version_id
+        self.metrics = metrics
 
     async def __del__(self) -> None:  # Serve awaits this on LRU eviction
         await self.engine.remove_lora(self.version_id)
+        self.metrics.adapter_events.inc(1, {"event": "evict"})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -48,11 +52,25 @@ class LLMServer:
                            config.engine.to_engine_config(model.max_model_len, model.eos_token_ids))
         self.engine = AsyncLLMEngine(engine)
         self.registry = Registry(config.storage_root)
+        self.metrics = EngineMetrics()
+        self._reporter: asyncio.Task | None = None
         # Serve caches one lease per version (LRU, at most max_loras); the engine has as many slots behind them.
         async def load(version_id: str) -> AdapterLease:
             return await self._load_adapter(version_id)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max(1, config.engine.max_loras))(load)
+
+    def _report(self) -> None:
+        """Refreshes the engine gauges once a second while the replica serves."""
+        if self._reporter is not None and not self._reporter.done():
+            return
+
+        async def loop() -> None:
+            while True:
+                self.metrics.update(self.engine.stats())
+                await asyncio.sleep(1.0)
+
+        self._reporter = asyncio.get_running_loop().create_task(loop())
 
     async def _load_adapter(self, version_id: str) -> AdapterLease:
         name, version = parse_model_id(version_id)
@@ -63,10 +81,12 @@ class LLMServer:
             await self.engine.add_lora(version_id, str(path))
         except (AdapterError, OSError) as exc:
             raise InvalidRequest(f"adapter {version_id} cannot be loaded: {exc}", param="model") from None
-        return AdapterLease(self.engine, version_id)
+        self.metrics.adapter_events.inc(1, {"event": "load"})
+        return AdapterLease(self.engine, version_id, self.metrics)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Streams token deltas; cancelling the call (client gone, stop string hit) aborts the request."""
+        self._report()
         try:
             if request.adapter is not None:
                 await self.get_adapter(request.adapter)

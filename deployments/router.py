@@ -33,7 +33,9 @@ from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList
 from llmaas.app.registry import RegistryState
+from llmaas.app.response_cache import ResponseCache
 from llmaas.app.serving import OpenAIServing
+from llmaas.deployments.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,7 +74,15 @@ async def _authenticate_and_limit(request: Request, call_next):
     limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
     if length is not None and (not length.isdigit() or int(length) > limit):
         return _error(413, f"request body exceeds {limit} bytes", "invalid_request_error", None, "body_too_large")
-    return await call_next(request)
+    response = await call_next(request)
+    if gate.metrics is not None:
+        route = request.scope.get("route")
+        gate.metrics.on_request(getattr(route, "path", "unmatched"), response.status_code)
+        cache = gate.cache
+        if cache is not None and (cache.hits or cache.misses):
+            gate.metrics.on_cache(cache.hits, cache.misses)
+            cache.hits = cache.misses = 0
+    return response
 
 
 def principal(request: Request) -> Principal:
@@ -130,10 +140,13 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 class _Gate:
     """Per-replica request gate state the middleware reads from ``app.state``."""
 
-    def __init__(self, auth: Authenticator, max_body_bytes: int, max_upload_bytes: int) -> None:
+    def __init__(self, auth: Authenticator, max_body_bytes: int, max_upload_bytes: int,
+                 metrics: RouterMetrics | None = None, cache: ResponseCache | None = None) -> None:
         self.auth = auth
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.metrics = metrics
+        self.cache = cache
 
 
 class _HandleBackend:
@@ -196,11 +209,14 @@ class Router:
                                  (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)))
         self.catalog = ModelCatalog(model.served_name, model.max_model_len,
                                     ray.get(self.manage.registry.snapshot.remote()))
+        self.metrics = RouterMetrics()
+        cache = ResponseCache(config.response_cache_size)
         self.serving = OpenAIServing(_HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
-                                     self.catalog, config.max_n, config.max_stop_sequences)
+                                     self.catalog, config.max_n, config.max_stop_sequences, cache, self.metrics)
         self._watcher: asyncio.Task | None = None
         auth = Authenticator(config.auth.load_keys())
-        api.state.gate = _Gate(auth, int(config.max_body_mb * (1 << 20)), self.manage.max_upload_bytes)
+        api.state.gate = _Gate(auth, int(config.max_body_mb * (1 << 20)), self.manage.max_upload_bytes,
+                               self.metrics, cache)
         self.max_messages = config.max_messages
         if not auth.enabled:
             logger.warning("llmaas: no API keys configured, every request is accepted; keep the HTTP proxy on "
