@@ -15,17 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmaas.app.errors import APIError
-
-
-class Unauthorized(APIError):
-    status_code = 401
-    type = "invalid_request_error"
-
-
-class Forbidden(APIError):
-    status_code = 403
-    type = "permission_error"
+from llmaas.app.errors import Forbidden, Unauthorized
 
 
 class APIKey(BaseModel):

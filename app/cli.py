@@ -10,12 +10,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="convert and cache the default model (done on first serve otherwise)")
     prep.add_argument("--cache-dir", default=None)
+    from llmaas.app import admin_cli
     from llmaas.training import cli as training_cli
 
     training_cli.add_parser(sub)
+    admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "finetune":
         return training_cli.run(args)
+    if args.command == "adapters":
+        return admin_cli.run(args)
     if args.command == "prepare":
         from llmaas.app.config import ModelSettings
         from llmaas.app.model_source import resolve_model

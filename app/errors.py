@@ -32,6 +32,16 @@ class InvalidRequest(APIError):
     type = "invalid_request_error"
 
 
+class Unauthorized(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+
+
+class Forbidden(APIError):
+    status_code = 403
+    type = "permission_error"
+
+
 class NotFound(APIError):
     status_code = 404
     type = "invalid_request_error"

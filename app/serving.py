@@ -206,33 +206,29 @@ class OpenAIServing:
                 reasons[ev.index] = ev.finish_reason
         return texts, reasons, self._usage(prep.choices, completion)
 
-    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
-        prep = await self.prepare_chat(req, tenant)
+    async def _respond(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared, tenant: str | None,
+                       prefix: str, build):
+        """Runs a non-streaming request (or answers it from the response cache) and builds its response."""
         key = self.cache.key(tenant, prep.model, req.model_dump())
         if (hit := self.cache.get(key)) is not None:
-            return hit.model_copy(update={"id": new_id("chatcmpl"), "created": int(time.time())})
-        rid = new_id("chatcmpl")
+            return hit.model_copy(update={"id": new_id(prefix), "created": int(time.time())})
+        rid = new_id(prefix)
         texts, reasons, usage = await self._collect(rid, prep)
-        response = ChatCompletionResponse(
-            id=rid, model=prep.model, usage=usage,
-            choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r)
-                     for i, (t, r) in enumerate(zip(texts, reasons))])
+        response = build(rid, list(enumerate(zip(texts, reasons))), usage)
         self.cache.put(key, response)
         return response
 
+    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
+        prep = await self.prepare_chat(req, tenant)
+        return await self._respond(req, prep, tenant, "chatcmpl", lambda rid, rows, usage: ChatCompletionResponse(
+            id=rid, model=prep.model, usage=usage,
+            choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r) for i, (t, r) in rows]))
+
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
         prep = await self.prepare_completion(req, tenant)
-        key = self.cache.key(tenant, prep.model, req.model_dump())
-        if (hit := self.cache.get(key)) is not None:
-            return hit.model_copy(update={"id": new_id("cmpl"), "created": int(time.time())})
-        rid = new_id("cmpl")
-        texts, reasons, usage = await self._collect(rid, prep)
-        response = CompletionResponse(
+        return await self._respond(req, prep, tenant, "cmpl", lambda rid, rows, usage: CompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[CompletionChoice(index=i, text=t, finish_reason=r)
-                     for i, (t, r) in enumerate(zip(texts, reasons))])
-        self.cache.put(key, response)
-        return response
+            choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in rows]))
 
     async def chat_stream(self, req: ChatCompletionRequest,
                           prepared: Prepared | None = None) -> AsyncIterator[ChatCompletionChunk]:

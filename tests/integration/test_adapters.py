@@ -175,3 +175,23 @@ def test_bad_adapters_get_4xx_and_live_traffic_is_unharmed(base_url, client, bas
     for model in ("../../etc", "nope@1", "peftcheck@99", "peftcheck@x"):
         r = admin(base_url, "POST", "/v1/chat/completions", json={"model": model, "messages": PROMPT})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
+def test_adapters_cli_round_trip(base_url, adapter_dirs):
+    import subprocess
+    import sys
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "llmaas.app.cli", "adapters", "--url", base_url, *argv],
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("register", "clitest", adapter_dirs[0], "--promote").returncode == 0
+    assert cli("register", "clitest", adapter_dirs[1]).returncode == 0
+    assert cli("promote", "clitest@2").returncode == 0
+    listed = cli("list")
+    assert "clitest: alias @2" in listed.stdout and "@1, @2" in listed.stdout
+    refused = cli("delete", "clitest@2")
+    assert refused.returncode == 1 and "promote another version first" in refused.stderr
+    assert cli("rollback", "clitest").returncode == 0
+    assert cli("delete", "clitest@2").returncode == 0
+    assert "clitest: alias @1; versions @1;" in cli("list").stdout

@@ -101,3 +101,15 @@ def test_bad_data_fails_before_any_worker(ray_cluster, tiny_chat_dir, tmp_path):
     record = run_job(make_job(tiny_chat_dir, tmp_path, tmp_path / "store", train_files=[str(empty)],
                               validation_file=None), "ftjob-test-empty")
     assert record.status == "failed" and "empty" in record.error
+
+
+def test_python_api_submit_and_wait(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from llmaas.training import submit
+
+    handle = submit(make_job(tiny_chat_dir, data_files, tmp_path, epochs=1, eval={"metrics": ["loss"]}))
+    assert handle.status().status in ("queued", "running")
+    record = handle.wait(timeout=300)
+    assert record.status == "succeeded", record.error
+    assert Path(record.adapter_dir, "adapter_model.safetensors").is_file()
+    assert [e["data"]["step"] for e in handle.events() if e["type"] == "metrics"] == [1, 2, 3, 4]
+    assert handle.cancel().status == "succeeded"  # a finished job stays as it ended
