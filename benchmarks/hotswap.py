@@ -4,7 +4,8 @@
 
 Serves the default model with two LoRA adapter versions (random PEFT adapters, r=8,
 all projections) of one name, keeps N streaming clients busy on the alias, moves the
-alias back and forth, and reports p50/p99 of move -> first token of the new version,
+alias back and forth, and reports p50/p99 of move -> first token of the new version
+(it includes a whole request's TTFT, printed beside it for comparison),
 throughput during the swaps vs before them, and failed requests (must be 0).
 Saves benchmarks/results/hotswap.{json,png}.
 """
@@ -27,6 +28,7 @@ class Req:
     first_token: float | None = None
     tokens: int = 0
     ok: bool = False
+    end: float = 0.0
 
 
 async def client_loop(url: str, stop_at: float, log: list[Req], max_tokens: int) -> None:
@@ -58,6 +60,7 @@ async def client_loop(url: str, stop_at: float, log: list[Req], max_tokens: int)
                             req.first_token = time.perf_counter()
             except Exception:
                 req.ok = False
+            req.end = time.perf_counter()
 
 
 async def run(url: str, args) -> tuple[list[Req], list[tuple[float, str]], float]:
@@ -85,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--moves", type=int, default=6)
-    p.add_argument("--window", type=float, default=4.0, help="seconds between alias moves")
+    p.add_argument("--window", type=float, default=8.0, help="seconds between alias moves")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--port", type=int, default=8766)
     args = p.parse_args()
@@ -125,12 +128,15 @@ def main() -> None:
     failed = [r for r in log if not r.ok and r.start < start + args.window * (args.moves + 1) - 1]
 
     def tok_s(t0: float, t1: float) -> float:
-        return sum(r.tokens for r in done if t0 <= r.start < t1) / (t1 - t0)
+        """Tokens of the requests that finished in [t0, t1), per second."""
+        return sum(r.tokens for r in done if t0 <= r.end < t1) / (t1 - t0)
 
-    before = tok_s(start + 1.0, moves[0][0])
+    before = tok_s(start, moves[0][0])
     during = [tok_s(t, t + args.window) for t, _ in moves]
+    ttft = [r.first_token - r.start for r in done if r.first_token]
     row = {"moves": len(moves), "move_to_new_version_p50_ms": percentile(delays, 50) * 1e3,
-           "move_to_new_version_p99_ms": percentile(delays, 99) * 1e3, "tok_s_before": before,
+           "move_to_new_version_p99_ms": percentile(delays, 99) * 1e3,
+           "ttft_p50_ms_all_requests": percentile(ttft, 50) * 1e3, "tok_s_before": before,
            "tok_s_during_swaps": sum(during) / len(during), "ratio": (sum(during) / len(during)) / before,
            "requests": len(log), "failed": len(failed)}
     print_table([row], list(row))

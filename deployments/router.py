@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmaas.app.auth import ANONYMOUS, Authenticator, Principal, require_admin
 from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
 from llmaas.app.config import AppConfig
-from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, unwrap
+from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, unwrap
 from llmaas.app.files import FileObject
 from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
 from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
@@ -69,7 +69,7 @@ async def _authenticate_and_limit(request: Request, call_next):
         request.state.principal = ANONYMOUS if path in OPEN_PATHS else \
             gate.auth.authenticate(request.headers.get("authorization"))
     except APIError as exc:
-        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+        return _api_error_response(exc)
     length = request.headers.get("content-length")
     limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
     if length is not None and (not length.isdigit() or int(length) > limit):
@@ -100,9 +100,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error(400, msg, "invalid_request_error", param, first.get("type"))
 
 
+def _api_error_response(exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None  # overload: come back soon
+    return JSONResponse(status_code=exc.status_code, content=exc.to_dict(), headers=headers)
+
+
 @api.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+    return _api_error_response(exc)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -115,7 +120,9 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     inner = unwrap(exc)
     if isinstance(inner, APIError):
-        return JSONResponse(status_code=inner.status_code, content=inner.to_dict())
+        return _api_error_response(inner)
+    if type(inner).__name__ == "BackPressureError":  # a downstream deployment's queue is full
+        return _api_error_response(ServiceUnavailable("the model stage is overloaded; retry shortly"))
     logger.exception("unhandled error", exc_info=exc)
     return _error(500, f"internal error: {type(inner).__name__}", "internal_error")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import threading
 import time
 
 import httpx
@@ -198,3 +199,48 @@ def test_overload_is_shed_fast_while_admitted_requests_finish(ray_cluster, app_a
         assert shed and all(d < 2.0 for d, _ in shed), results
     finally:
         serve.delete("bp-app")
+
+
+def test_killed_model_replica_gives_clean_errors_and_recovers(ray_cluster, app_args, tmp_path):
+    import ray
+
+    serve.run(build_app({**app_args, "storage_root": str(tmp_path)}), name="kill-app", route_prefix="/kill")
+    url = f"{ray_cluster}/kill/v1/chat/completions"
+    body = {"model": "base", "messages": MSG, "max_tokens": 220, "ignore_eos": True, "stream": True}
+    try:
+        httpx.post(url, json={**body, "stream": False, "max_tokens": 1}, timeout=60).raise_for_status()
+
+        streaming = threading.Event()
+
+        def stream_until_killed():
+            lines = []
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if '"content":"' in line:
+                        streaming.set()
+            return lines
+
+        with cf.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(stream_until_killed)
+            assert streaming.wait(30)
+            victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if "kill-app" in a["name"] and "LLMServer" in a["name"]]
+            assert victims, ray.util.list_named_actors(all_namespaces=True)
+            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+            lines = fut.result(timeout=60)  # never a hang
+        tokens = sum('"content":"' in ln for ln in lines)
+        assert "data: [DONE]" in lines[-3:]
+        assert tokens < 220 and any('"error"' in ln for ln in lines), lines[-4:]  # cut short, said so in-band
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = httpx.post(url, json={**body, "stream": False, "max_tokens": 2}, timeout=60)
+            if r.status_code == 200:
+                break
+            assert r.status_code in (500, 503), r.text  # the proxy may answer while Serve replaces the replica
+            time.sleep(1)
+        results = [httpx.post(url, json={**body, "stream": False, "max_tokens": 2}, timeout=60).status_code
+                   for _ in range(5)]
+        assert results == [200] * 5
+    finally:
+        serve.delete("kill-app")

@@ -67,3 +67,23 @@ def test_invalid_request_raises_before_streaming(model):
     with pytest.raises(InvalidRequestError):
         asyncio.run(main())
     engine.shutdown()
+
+
+def test_dead_engine_loop_fails_streams_and_health(model):
+    from llmaas.deployments.engine import EngineDeadError
+
+    engine = make(model)
+
+    def broken_step():
+        raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+    engine.engine.step = broken_step  # the loop's next step dies
+
+    async def main():
+        async for _ in engine.generate("r", [1, 2, 3], PARAMS):
+            pass
+
+    with pytest.raises(EngineDeadError, match="illegal memory access"):
+        asyncio.run(main())
+    with pytest.raises(EngineDeadError):
+        engine.check_health()
