@@ -102,8 +102,10 @@ class LLMServer:
         except EngineDeadError as exc:
             raise ServiceUnavailable(str(exc)) from None
 
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+    def stats(self) -> dict[str, float | str]:
+        import ray
+
+        return {**self.engine.stats(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
         self.engine.check_health()

@@ -59,6 +59,8 @@ class FineTuneJob(BaseModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP).")
     use_gpu: bool = Field(False)
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="SPREAD puts the workers on different nodes when it can.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every K optimizer steps.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     storage_root: Path = Field(Path.home() / ".cache" / "llmaas" / "storage",

@@ -36,6 +36,7 @@ def lr_at(step: int, total: int, job: FineTuneJob) -> float:
 
 class LoRAFineTuneRecipe:
     def __init__(self, config: dict[str, Any]) -> None:
+        import ray
         import ray.train
 
         self.job = FineTuneJob.model_validate(config["job"])
@@ -46,6 +47,7 @@ class LoRAFineTuneRecipe:
         self.fault_marker = Path(config["fault_marker"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     # ----- setup -----
     def setup(self) -> None:
@@ -89,6 +91,9 @@ class LoRAFineTuneRecipe:
     def train(self) -> None:
         import ray.train
 
+        self._event("worker", f"rank {self.rank} on node {self.node_id[:8]}", {"rank": self.rank,
+                                                                              "node_id": self.node_id},
+                    all_ranks=True)
         job = self.job
         total = self.steps_per_epoch * job.epochs
         shard = ray.train.get_dataset_shard("train")
@@ -167,8 +172,8 @@ class LoRAFineTuneRecipe:
         else:
             ray.train.report(metrics)
 
-    def _event(self, kind: str, message: str, data: dict[str, Any]) -> None:
-        if self.rank != 0:
+    def _event(self, kind: str, message: str, data: dict[str, Any], all_ranks: bool = False) -> None:
+        if self.rank != 0 and not all_ranks:
             return
         with self.events_path.open("a") as f:  # one line per event; readers skip a torn last line
             f.write(json.dumps({"type": kind, "message": message, "data": data, "created_at": int(time.time())})

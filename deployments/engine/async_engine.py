@@ -44,6 +44,7 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._pending_removals: set[str] = set()  # adapters to forget once no request uses them
+        self.adapter_loads = 0  # adapters read from disk since start
         self.error: BaseException | None = None
 
     # ----- asyncio side -----
@@ -70,6 +71,7 @@ class AsyncLLMEngine:
             self._pending_removals.discard(name)
             if not self.engine.has_lora(name):
                 self.engine.add_lora(name, path)
+                self.adapter_loads += 1
         await self.call(add)
 
     async def remove_lora(self, name: str) -> None:
@@ -121,7 +123,8 @@ class AsyncLLMEngine:
 
     def stats(self) -> dict[str, float]:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_cache_usage": self.engine.block_manager.usage, "adapters": len(self.engine.lora_names())}
+                "kv_cache_usage": self.engine.block_manager.usage, "adapters": len(self.engine.lora_names()),
+                "adapter_loads": self.adapter_loads}
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -195,3 +195,16 @@ def test_adapters_cli_round_trip(base_url, adapter_dirs):
     assert cli("rollback", "clitest").returncode == 0
     assert cli("delete", "clitest@2").returncode == 0
     assert "clitest: alias @1; versions @1;" in cli("list").stdout
+
+
+def test_fifty_concurrent_first_requests_load_a_version_once(base_url, client, adapter_dirs):
+    from ray import serve
+
+    llm = serve.get_deployment_handle("LLMServer", app_name="llmaas")
+    version = register(base_url, "burst", adapter_dirs[2], promote=True)
+    before = llm.stats.remote().result()["adapter_loads"]
+    with cf.ThreadPoolExecutor(50) as pool:
+        models = list(pool.map(lambda _: client.chat.completions.create(
+            model="burst", messages=PROMPT, max_tokens=2, temperature=0).model, range(50)))
+    assert models == [version] * 50
+    assert llm.stats.remote().result()["adapter_loads"] - before == 1  # one replica, one load
