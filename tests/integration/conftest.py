@@ -22,7 +22,7 @@ def ray_cluster():
     from ray import serve
 
     # Logical CPUs: the stages ask for fractions, and two apps (tiny + default model) share the box.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
@@ -39,7 +39,7 @@ def storage_root(tmp_path_factory) -> Path:
 def app_args(tiny_chat_dir, storage_root) -> dict:
     return {"model": {"source": str(tiny_chat_dir), "served_name": "tiny-chat"},
             "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05},
-            "storage_root": str(storage_root), "max_upload_mb": 1}
+            "storage_root": str(storage_root), "max_upload_mb": 1, "response_cache_size": 256}
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +68,10 @@ def client(base_url, storage_root):
     c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     c._storage_root = str(storage_root)  # lets tests look at what the service wrote
     return c
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    import ray
+
+    return f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
