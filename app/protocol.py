@@ -36,17 +36,13 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
     seed: int | None = Field(None, description="Makes sampling reproducible for this request.")
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from every generated token.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted per occurrence in the output.")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="Extension (HF/vLLM): >1 discourages any "
+                                                                    "token seen in prompt or output.")
+    min_p: float = Field(0.0, ge=0, le=1, description="Extension: drop tokens below min_p x the top probability.")
     ignore_eos: StrictBool = Field(False, description="Extension: keep generating past end-of-sequence.")
     user: str | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalties_not_yet(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("presence/frequency penalties are not supported yet; send 0")
-        return v
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

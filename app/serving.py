@@ -103,7 +103,9 @@ class OpenAIServing:
                 index: int) -> SamplingParams:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=prompt.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=seed, ignore_eos=req.ignore_eos)
+                              top_k=req.top_k, min_p=req.min_p, seed=seed, ignore_eos=req.ignore_eos,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty)
 
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
         stops, adapter = self._check_common(req, tenant)

@@ -92,14 +92,17 @@ def run_ours(model, prompts, args, loras=None, adapters=()) -> float:
 
 
 @torch.inference_mode()
-def run_hf(model, prompts, args, batch_size: int) -> float:
-    """HF generate, eager, left-padded batches (its best batched path without a static cache)."""
+def run_hf(model, prompts, args, batch_size: int, static: bool = False) -> float:
+    """HF generate on equal-length batches: eager dynamic cache, or static cache (which transformers compiles
+    with torch.compile on its own when the device supports it)."""
+    extra = {"cache_implementation": "static"} if static else {}
+
     def go(batch):
         ids = torch.tensor(batch, device=args.device)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
-                       min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)
+                       min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
 
-    go(prompts[:2])
+    go(prompts[:batch_size])  # warm-up (and, for static, compilation) at the measured batch shape
     sync(args.device)
     t = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -158,6 +161,8 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=0, help="mix N distinct LoRA adapters into the batch")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--static-peer", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                   help="also measure HF static-cache (compiled) generate; default on with CUDA")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
@@ -178,6 +183,10 @@ def main() -> None:
     hf = run_hf(model, prompts, args, hf_batch)
     rows.append({"case": "base", "ours_tok_s": ours, "peer": f"HF generate eager (batch {hf_batch})",
                  "peer_tok_s": hf, "ratio": ours / hf})
+    if args.static_peer:
+        hf_static = run_hf(model, prompts, args, hf_batch, static=True)
+        rows.append({"case": "base", "ours_tok_s": ours, "peer": f"HF generate static cache (batch {hf_batch})",
+                     "peer_tok_s": hf_static, "ratio": ours / hf_static})
     if args.adapters:
         import tempfile
 

@@ -48,6 +48,7 @@ class ModelRunner:
     def drop_generator(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
         """Runs one step. Returns {batch row: sampled token} for rows whose pending tokens all ran."""
         device = self.config.device
@@ -83,5 +84,6 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V]
         sampled = [batch.seqs[r] for r in sample_rows]
-        tokens = sample(logits, [s.params for s in sampled], [self._generators.get(s.request_id) for s in sampled])
+        tokens = sample(logits, [s.params for s in sampled], [self._generators.get(s.request_id) for s in sampled],
+                        [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled])
         return dict(zip(sample_rows, tokens.tolist()))

@@ -30,17 +30,56 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> torch.Tensor:
+    """Presence/frequency penalties on generated tokens (OpenAI) and repetition penalty on all seen tokens (HF).
+
+    ``logits[i, t] -= frequency * count_out(t) + presence * [count_out(t) > 0]``; then for every t seen in
+    prompt or output, ``logits[i, t] = logits / r if logits > 0 else logits * r``.
+
+    Args:
+        logits: Shape: [B, V], modified in place for rows that set a penalty.
+    """
+    vocab = logits.shape[-1]
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        row = logits[i]  # [V]
+        if outputs[i] and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(outputs[i], device=logits.device), minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Masks tokens whose probability is below ``min_p`` times the row's top probability.
+
+    Args:
+        logits: Shape: [B, V] (temperature applied). min_p: Shape: [B].
+    """
+    probs = logits.softmax(dim=-1)
+    keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           prompts: list[list[int]] | None = None, outputs: list[list[int]] | None = None) -> torch.Tensor:
     """Samples one token per row.
 
     Args:
         logits: Shape: [B, V] float32.
         params: B sampling parameter sets.
         generators: B generators (None: the global RNG).
+        prompts, outputs: each row's prompt and generated token ids (needed only for penalties).
     Returns:
         Shape: [B] token ids.
     """
+    if any(p.penalized for p in params):
+        logits = apply_penalties(logits, params, prompts or [[] for _ in params], outputs or [[] for _ in params])
     tokens = logits.argmax(dim=-1)  # [B]
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -51,9 +90,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     temps = torch.tensor([params[i].temperature for i in rows], device=device)  # [R]
     top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device)  # [R]
     top_p = torch.tensor([params[i].top_p for i in rows], device=device)  # [R]
+    min_p = torch.tensor([params[i].min_p for i in rows], device=device)  # [R]
     scaled = logits[idx] / temps[:, None]  # [R, V]
     if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    if bool((min_p > 0).any()):
+        scaled = apply_min_p(scaled, min_p)
     probs = scaled.softmax(dim=-1)  # [R, V]
     noise = torch.empty_like(probs)  # [R, V]
     for j, i in enumerate(rows):

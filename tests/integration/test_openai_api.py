@@ -149,3 +149,13 @@ def test_health(base_url):
     import httpx
 
     assert httpx.get(f"{base_url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_penalties_reach_the_engine(client):
+    kwargs = dict(model="base", prompt="Once upon a time", max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs).choices[0].text
+    penalized = client.completions.create(presence_penalty=2.0, frequency_penalty=2.0, **kwargs).choices[0].text
+    assert penalized != plain
+    tokens = client.completions.create(**{**kwargs, "extra_body": {"ignore_eos": True, "repetition_penalty": 2.0}})
+    assert tokens.usage.completion_tokens == 24

@@ -203,3 +203,35 @@ def test_unsupported_architecture_named_in_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         LLMEngine(model, EngineConfig(max_model_len=64, num_kv_blocks=8))
+
+
+def test_repetition_penalty_greedy_equals_hf(model):
+    (prompt,) = prompts([20])
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                              repetition_penalty=1.5)[0, len(prompt):].tolist()
+    got = make_engine(model).generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                               repetition_penalty=1.5))[0]
+    assert got == expected
+    assert got != hf_greedy(model, prompt, 24)
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 1.0), (0.5, 0.5), (-1.0, 0.0)])
+def test_presence_and_frequency_penalties_match_a_naive_reference(model, presence, frequency):
+    (prompt,) = prompts([8])
+    tokens: list[int] = []
+    with torch.no_grad():  # reference: full forward each step, OpenAI's formula on generated tokens
+        for _ in range(20):
+            logits = model(torch.tensor([prompt + tokens])).logits[0, -1].clone()
+            for t in set(tokens):
+                logits[t] -= presence + frequency * tokens.count(t)
+            tokens.append(int(logits.argmax()))
+    got = make_engine(model).generate([prompt], SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency))[0]
+    assert got == tokens
+
+
+def test_min_p_one_keeps_only_the_top_token(model):
+    batch = prompts([7, 13])
+    params = SamplingParams(max_tokens=16, temperature=1.5, min_p=1.0, ignore_eos=True, seed=3)
+    assert make_engine(model).generate(batch, params) == [hf_greedy(model, p, 16) for p in batch]
