@@ -124,7 +124,7 @@ class AsyncLLMEngine:
     def stats(self) -> dict[str, float]:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "kv_cache_usage": self.engine.block_manager.usage, "adapters": len(self.engine.lora_names()),
-                "adapter_loads": self.adapter_loads}
+                "adapter_loads": self.adapter_loads, "prefix_cached_tokens": self.engine.block_manager.num_cached_tokens}
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -1,18 +1,38 @@
-"""KV block book-keeping: which physical blocks each sequence owns. No torch here."""
+"""KV block book-keeping: which physical blocks each sequence owns, and prefix caching. No torch here.
+
+Prefix caching (vLLM's automatic prefix caching, nano-vllm's block hashing): every block
+that fills up with computed tokens gets a hash chained over its predecessors (seeded with
+the adapter name, since an adapter changes the K/V). A new sequence whose leading full
+blocks hash the same reuses them (reference counted) instead of recomputing them, e.g.
+a shared system prompt. Freed blocks keep their contents and hash until they are handed
+out again, least recently freed first.
+"""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from .sequence import Sequence
 
 
-class BlockManager:
-    """A free list of fixed-size KV blocks; a sequence's block table grows as it computes tokens."""
+@dataclass(slots=True)
+class Block:
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full of computed tokens
+    token_ids: tuple[int, ...] = ()  # the tokens it holds when hashed (guards against hash collisions)
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+
+class BlockManager:
+    """Fixed-size KV blocks; a sequence's block table grows as it computes tokens."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block() for _ in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first
+        self._by_hash: dict[int, int] = {}
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (a counter for metrics/tests)
 
     @property
     def num_free_blocks(self) -> int:
@@ -35,9 +55,68 @@ class BlockManager:
         needed = self.num_blocks_needed(seq, num_new_tokens)
         if needed > len(self._free):
             raise RuntimeError(f"allocate: {needed} blocks needed, {len(self._free)} free (call can_allocate first)")
-        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+        for _ in range(needed):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None and self._by_hash.get(block.hash) == block_id:
+                del self._by_hash[block.hash]  # its cached contents are about to be overwritten
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+            seq.block_table.append(block_id)
 
     def deallocate(self, seq: Sequence) -> None:
-        self._free.extend(seq.block_table)
+        for block_id in reversed(seq.block_table):  # tail blocks are the least likely to be shared again
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
         seq.block_table.clear()
+        seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+
+    # ----- prefix caching -----
+    def _chain(self, seq: Sequence, index: int, tokens: tuple[int, ...]) -> int:
+        prev = seq.block_hashes[index - 1] if index else hash(("llmaas-prefix", seq.lora))
+        return hash((prev, tokens))
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """For a sequence with no blocks: takes cached blocks for its leading full blocks; returns tokens reused.
+
+        At least one token is always left to compute, so the step still produces logits to sample from.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        ids = seq.token_ids()
+        usable = (len(ids) - 1) // self.block_size
+        for i in range(usable):
+            tokens = tuple(ids[i * self.block_size:(i + 1) * self.block_size])
+            h = self._chain(seq, i, tokens)
+            block_id = self._by_hash.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            seq.num_computed_tokens += self.block_size
+        reused = len(seq.block_table) * self.block_size
+        self.num_cached_tokens += reused
+        return reused
+
+    def commit(self, seq: Sequence) -> None:
+        """Hashes the blocks that ``seq`` has completely computed, so later sequences can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full <= len(seq.block_hashes):
+            return
+        ids = seq.token_ids()
+        for i in range(len(seq.block_hashes), full):
+            tokens = tuple(ids[i * self.block_size:(i + 1) * self.block_size])
+            h = self._chain(seq, i, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self._by_hash:
+                block.hash, block.token_ids = h, tokens
+                self._by_hash[h] = seq.block_table[i]

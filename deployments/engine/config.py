@@ -20,6 +20,7 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32  # fp32 on CPU keeps greedy parity exact; bf16 for speed
     device: str = "cpu"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation ends on these unless ignore_eos
+    enable_prefix_caching: bool = True  # reuse K/V of identical leading blocks (shared system prompts)
     max_loras: int = 8  # adapter slots resident at once (distinct adapters in one batch)
     max_lora_rank: int = 16  # slots are rank-padded to this; 8 slots x r16 ~ 160 MB for SmolLM2-135M in fp32
 

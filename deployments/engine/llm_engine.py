@@ -48,7 +48,7 @@ class LLMEngine:
         num_blocks = num_kv_blocks_for(config, self.model)
         self.max_model_len = min(config.max_model_len, model_limit, num_blocks * config.block_size)
         self.config = config
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(config, self.model, num_blocks)
         self._seqs: dict[str, Sequence] = {}
@@ -135,6 +135,8 @@ class LLMEngine:
         for slot, name in batch.lora_loads:
             self.runner.load_lora(slot, self._adapters[name])
         sampled = self.runner.run(batch)
+        for seq in batch.seqs:
+            self.block_manager.commit(seq)
         return [self._postprocess(batch.seqs[row], token) for row, token in sampled.items()]
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:

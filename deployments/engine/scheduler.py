@@ -85,11 +85,14 @@ class Scheduler:
         # Waiting sequences, strictly FCFS: the head blocks the rest until it fits.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self.block_manager.match_prefix(seq)  # cached leading blocks count as computed
             num = min(seq.num_pending_tokens, budget)
             if not self.block_manager.can_allocate(seq, num):
+                self.block_manager.deallocate(seq)  # give the matched blocks back; it waits whole
                 break
             if seq.lora is not None:
                 if not self.slots.can_acquire(seq.lora):
+                    self.block_manager.deallocate(seq)
                     break  # every slot is pinned by running adapters: wait for one to drain
                 seq.lora_slot, needs_load = self.slots.acquire(seq.lora)
                 if needs_load:

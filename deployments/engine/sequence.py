@@ -32,6 +32,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in position order
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each full computed block
     num_preemptions: int = 0
     lora: str | None = None  # adapter name; None runs the base model
     lora_slot: int | None = None  # pool slot while running with an adapter

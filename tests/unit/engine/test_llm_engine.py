@@ -235,3 +235,32 @@ def test_min_p_one_keeps_only_the_top_token(model):
     batch = prompts([7, 13])
     params = SamplingParams(max_tokens=16, temperature=1.5, min_p=1.0, ignore_eos=True, seed=3)
     assert make_engine(model).generate(batch, params) == [hf_greedy(model, p, 16) for p in batch]
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks_and_keeps_outputs(model):
+    system = prompts([40], seed=11)[0]
+    first, second = system + [5, 6, 7], system + [9, 10]
+    engine = make_engine(model)
+    assert engine.generate([first], GREEDY) == [hf_greedy(model, first, 24)]
+    assert engine.block_manager.num_cached_tokens == 0
+    assert engine.generate([second], GREEDY) == [hf_greedy(model, second, 24)]
+    assert engine.block_manager.num_cached_tokens == 40  # ten full 4-token blocks of the shared prefix
+    again = engine.generate([first], GREEDY)  # its whole prompt and more are cached now
+    assert again == [hf_greedy(model, first, 24)]
+    assert engine.block_manager.num_cached_tokens == 40 + 40
+
+
+def test_prefix_cache_off_recomputes(model):
+    system = prompts([40], seed=11)[0]
+    engine = make_engine(model, enable_prefix_caching=False)
+    engine.generate([system + [1]], GREEDY)
+    assert engine.generate([system + [2]], GREEDY) == [hf_greedy(model, system + [2], 24)]
+    assert engine.block_manager.num_cached_tokens == 0
+
+
+def test_prefix_cache_survives_cache_pressure(model):
+    batch = [prompts([30], seed=11)[0] + [i] for i in range(6)]
+    expected = [hf_greedy(model, p, 24) for p in batch]
+    engine = make_engine(model, num_kv_blocks=40, max_model_len=160)  # forces preemption and block reuse
+    assert engine.generate(batch, GREEDY) == expected
+    assert engine.block_manager.num_free_blocks == 40

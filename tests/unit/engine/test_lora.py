@@ -139,3 +139,15 @@ def test_slot_table_never_evicts_pinned():
     assert not table.can_acquire("b")
     table.release("a")
     assert table.can_acquire("b")
+
+
+def test_prefix_cache_never_shares_blocks_across_adapters(base, tmp_path):
+    path = make_adapter(base, tmp_path / "p", seed=5)
+    prompt = list(range(3, 43))
+    engine = engine_for(base)
+    engine.add_lora("p", path)
+    assert engine.generate([prompt], GREEDY) == [base_greedy(base, prompt)]
+    assert engine.generate([prompt], GREEDY, ["p"]) == [peft_greedy(base, path, prompt)]
+    assert engine.block_manager.num_cached_tokens == 0  # same tokens, other adapter: other K/V
+    assert engine.generate([prompt], GREEDY, ["p"]) == [peft_greedy(base, path, prompt)]
+    assert engine.block_manager.num_cached_tokens == 36
