@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmaas.training.checkpoint import publish_dir
 from llmaas.training.config import FineTuneJob
 from llmaas.training.data import DataError, files_hash, read_jsonl, split, tokenize_rows
 from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
@@ -141,8 +142,6 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
             "created_at": int(time.time()),
         }
         target = Path(job.storage_root) / "outputs" / job_id / "adapter"
-        from llmaas.training.checkpoint import publish_dir
-
         publish_dir(ckpt, target, {"metadata.json": json.dumps(metadata, indent=2)})
     store.add_event(job_id, "eval", f"metrics {after} (base: {before}); thresholds "
                     f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
