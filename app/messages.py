@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmaas.deployments.engine import SamplingParams
+from llmaas.deployments.engine import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +28,4 @@ class TokenDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs

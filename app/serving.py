@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmaas.app.catalog import ModelCatalog
@@ -24,16 +24,20 @@ from llmaas.app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     ModelList,
     ResponseMessage,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
     new_id,
 )
-from llmaas.deployments.engine import SamplingParams
+from llmaas.deployments.engine import SamplingParams, TokenLogprob
 
 class Backend(Protocol):
     async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt: ...
@@ -48,6 +52,7 @@ class ChoiceEvent:
     finish_reason: str | None  # set on the choice's last event
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the previous event, if asked
 
 
 @dataclass(slots=True)
@@ -104,6 +109,7 @@ class OpenAIServing:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=prompt.max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, min_p=req.min_p, seed=seed, ignore_eos=req.ignore_eos,
+                              logprobs=req.logprobs_k(),
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty)
 
@@ -131,6 +137,7 @@ class OpenAIServing:
         num_prompt = len(choice.prompt.token_ids)
         completion_tokens = 0
         started, first_token = time.perf_counter(), None
+        pending: list[TokenLogprob] = []
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
                                                        choice.params, choice.adapter))
         try:
@@ -138,19 +145,21 @@ class OpenAIServing:
                 if first_token is None:
                     first_token = time.perf_counter()
                 completion_tokens = delta.num_output_tokens
+                pending.extend(delta.logprobs or ())
                 text = detok.add(delta.token_ids)
                 if delta.finish_reason is not None:
                     text += detok.flush()
                 text = matcher.feed(text)
                 if matcher.stopped:
-                    yield ChoiceEvent(choice.index, text, "stop", num_prompt, completion_tokens)
+                    yield ChoiceEvent(choice.index, text, "stop", num_prompt, completion_tokens, pending)
                     return
                 if delta.finish_reason is not None:
                     yield ChoiceEvent(choice.index, text + matcher.flush(), delta.finish_reason, num_prompt,
-                                      completion_tokens)
+                                      completion_tokens, pending)
                     return
                 if text:
-                    yield ChoiceEvent(choice.index, text, None, num_prompt, completion_tokens)
+                    yield ChoiceEvent(choice.index, text, None, num_prompt, completion_tokens, pending)
+                    pending = []
         finally:
             await stream.aclose()  # stops generation early (stop string, client gone)
             if self.observer is not None:
@@ -197,16 +206,49 @@ class OpenAIServing:
         done = sum(completion.values())
         return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
-    async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[str], list[str | None], Usage]:
+    async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[tuple[str, str | None, list]], Usage]:
+        """Per choice (text, finish_reason, logprob entries), and usage."""
         texts = [""] * len(prep.choices)
         reasons: list[str | None] = [None] * len(prep.choices)
+        logprobs: list[list[TokenLogprob]] = [[] for _ in prep.choices]
         completion: dict[int, int] = {}
         async for ev in self._run_all(request_id, prep.choices, prep.stops):
             texts[ev.index] += ev.text
+            logprobs[ev.index] += ev.logprobs
             completion[ev.index] = ev.completion_tokens
             if ev.finish_reason is not None:
                 reasons[ev.index] = ev.finish_reason
-        return texts, reasons, self._usage(prep.choices, completion)
+        return list(zip(texts, reasons, logprobs)), self._usage(prep.choices, completion)
+
+    # ----- logprobs in OpenAI's two shapes -----
+    def _token_str(self, token_id: int) -> str:
+        return self.decoder.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, entries: list[TokenLogprob], asked: bool) -> ChoiceLogprobs | None:
+        if not asked:
+            return None
+
+        def top(token_id: int, lp: float) -> TopLogprob:
+            s = self._token_str(token_id)
+            return TopLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8", "surrogatepass")))
+
+        return ChoiceLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
+                                                         top_logprobs=[top(t, lp) for t, lp in e.top])
+                                       for e in entries])
+
+    def _completion_logprobs(self, entries: list[TokenLogprob], asked: bool, offset: int = 0
+                             ) -> CompletionLogprobs | None:
+        if not asked:
+            return None
+        out = CompletionLogprobs()
+        for e in entries:
+            s = self._token_str(e.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(e.logprob)
+            out.top_logprobs.append({self._token_str(t): lp for t, lp in e.top})
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared, tenant: str | None,
                        prefix: str, build):
@@ -215,22 +257,26 @@ class OpenAIServing:
         if (hit := self.cache.get(key)) is not None:
             return hit.model_copy(update={"id": new_id(prefix), "created": int(time.time())})
         rid = new_id(prefix)
-        texts, reasons, usage = await self._collect(rid, prep)
-        response = build(rid, list(enumerate(zip(texts, reasons))), usage)
+        rows, usage = await self._collect(rid, prep)
+        response = build(rid, list(enumerate(rows)), usage)
         self.cache.put(key, response)
         return response
 
     async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
         prep = await self.prepare_chat(req, tenant)
+        asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "chatcmpl", lambda rid, rows, usage: ChatCompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r) for i, (t, r) in rows]))
+            choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r,
+                                logprobs=self._chat_logprobs(lps, asked)) for i, (t, r, lps) in rows]))
 
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
         prep = await self.prepare_completion(req, tenant)
+        asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "cmpl", lambda rid, rows, usage: CompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in rows]))
+            choices=[CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._completion_logprobs(lps, asked))
+                     for i, (t, r, lps) in rows]))
 
     async def chat_stream(self, req: ChatCompletionRequest,
                           prepared: Prepared | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -244,10 +290,12 @@ class OpenAIServing:
         yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
                      for c in prep.choices])
         completion: dict[int, int] = {}
+        asked = req.logprobs_k() is not None
         async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
             yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=ev.text or None),
-                                         finish_reason=ev.finish_reason)])
+                                         finish_reason=ev.finish_reason,
+                                         logprobs=self._chat_logprobs(ev.logprobs, asked))])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], self._usage(prep.choices, completion))
 
@@ -256,10 +304,14 @@ class OpenAIServing:
         prep = prepared or await self.prepare_completion(req)
         rid, created = new_id("cmpl"), int(time.time())
         completion: dict[int, int] = {}
+        asked = req.logprobs_k() is not None
+        offsets: dict[int, int] = {}
         async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
             yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[
-                CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason)])
+                CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason,
+                                 logprobs=self._completion_logprobs(ev.logprobs, asked, offsets.get(ev.index, 0)))])
+            offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
         if req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[],
                                      usage=self._usage(prep.choices, completion))

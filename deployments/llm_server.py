@@ -96,7 +96,7 @@ class LLMServer:
                 if out.finish_reason is FinishReason.ABORT:
                     return
                 reason = out.finish_reason.value if out.finish_reason else None
-                yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens)
+                yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs)
         except InvalidRequestError as exc:
             raise InvalidRequest(str(exc), param="prompt") from None
         except EngineDeadError as exc:

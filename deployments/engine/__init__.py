@@ -10,10 +10,11 @@ from .config import EngineConfig
 from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
 from .lora import AdapterError
 from .model import SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from .sampler import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import FinishReason
 
 __all__ = [
     "AdapterError", "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
-    "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "UnsupportedModelError",
+    "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "TokenLogprob", "UnsupportedModelError",
 ]

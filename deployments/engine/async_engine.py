@@ -28,7 +28,9 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
     """Folds consecutive deltas of one request into one."""
     last = outputs[-1]
     tokens = [t for o in outputs for t in o.new_token_ids]
-    return StepOutput(last.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens)
+    logprobs = [lp for o in outputs for lp in o.logprobs] if last.logprobs is not None else None
+    return StepOutput(last.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
+                      logprobs)
 
 
 class AsyncLLMEngine:

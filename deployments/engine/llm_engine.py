@@ -17,6 +17,7 @@ from .config import EngineConfig
 from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
 from .sampling_params import SamplingParams
+from .sampler import TokenLogprob
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
 
@@ -30,6 +31,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -137,9 +139,9 @@ class LLMEngine:
         sampled = self.runner.run(batch)
         for seq in batch.seqs:
             self.block_manager.commit(seq)
-        return [self._postprocess(batch.seqs[row], token) for row, token in sampled.items()]
+        return [self._postprocess(batch.seqs[row], token, lp) for row, (token, lp) in sampled.items()]
 
-    def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         seq.output_token_ids.append(token)
         p = seq.params
         if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
@@ -150,7 +152,7 @@ class LLMEngine:
             self.scheduler.finish(seq)
             self._forget(seq)
         return StepOutput(seq.request_id, [token], seq.finish_reason, seq.num_prompt_tokens,
-                          len(seq.output_token_ids))
+                          len(seq.output_token_ids), None if logprob is None else [logprob])
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)

@@ -7,7 +7,7 @@ from .attention import KVCache, build_metadata
 from .config import EngineConfig
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
-from .sampler import sample
+from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, sample
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -49,8 +49,9 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Runs one step. Returns {batch row: sampled token} for rows whose pending tokens all ran."""
+    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, TokenLogprob | None]]:
+        """Runs one step. Returns {batch row: (sampled token, its logprobs if asked)} for rows whose pending
+        tokens all ran."""
         device = self.config.device
         # Rows grouped by adapter slot, so each adapter's tokens form one contiguous segment.
         order = sorted(range(len(batch)), key=lambda r: -1 if batch.seqs[r].lora_slot is None
@@ -84,6 +85,9 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V]
         sampled = [batch.seqs[r] for r in sample_rows]
-        tokens = sample(logits, [s.params for s in sampled], [self._generators.get(s.request_id) for s in sampled],
-                        [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled])
-        return dict(zip(sample_rows, tokens.tolist()))
+        params = [s.params for s in sampled]
+        logprobs = compute_logprobs(logits, params)  # before sampling: penalties edit logits in place
+        tokens = sample(logits, params, [self._generators.get(s.request_id) for s in sampled],
+                        [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled]).tolist()
+        picked = pick_logprobs(logprobs, tokens, params)
+        return {row: (tokens[j], picked.get(j)) for j, row in enumerate(sample_rows)}

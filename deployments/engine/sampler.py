@@ -7,9 +7,40 @@ batch. Sampling uses the exponential-race form of the categorical draw
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The model's log-probability of a sampled token (raw distribution: before penalties and temperature)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the likeliest tokens, best first
+
+
+def compute_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> dict[int, torch.Tensor]:
+    """log_softmax of the rows that asked for logprobs. logits: [B, V] -> {row: [V]}."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return {}
+    lp = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)].float(), dim=-1)  # [R, V]
+    return {r: lp[j] for j, r in enumerate(rows)}
+
+
+def pick_logprobs(logprobs: dict[int, torch.Tensor], tokens: list[int],
+                  params: list[SamplingParams]) -> dict[int, TokenLogprob]:
+    out = {}
+    for row, lp in logprobs.items():
+        k = params[row].logprobs or 0
+        top = lp.topk(k) if k else None
+        out[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]),
+                                tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
+    return out
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None  # fixes this request's random stream, independent of batch mates
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks generate exactly max_tokens
+    logprobs: int | None = None  # report the chosen token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 

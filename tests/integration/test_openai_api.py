@@ -159,3 +159,30 @@ def test_penalties_reach_the_engine(client):
     assert penalized != plain
     tokens = client.completions.create(**{**kwargs, "extra_body": {"ignore_eos": True, "repetition_penalty": 2.0}})
     assert tokens.usage.completion_tokens == 24
+
+
+def test_logprobs_through_the_openai_client(client, tiny_chat_dir, default_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    r = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    prompt_ids = default_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1], -1)
+    assert content[0].logprob == pytest.approx(float(ref.max()), abs=1e-4)
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob, abs=1e-6)
+    chunks = list(client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                 logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
+    comp = client.completions.create(model="base", prompt="Once upon", max_tokens=3, temperature=0, logprobs=2,
+                                     extra_body={"ignore_eos": True})
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == comp.choices[0].text
+    assert client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=2).choices[0].logprobs is None

@@ -264,3 +264,22 @@ def test_prefix_cache_survives_cache_pressure(model):
     engine = make_engine(model, num_kv_blocks=40, max_model_len=160)  # forces preemption and block reuse
     assert engine.generate(batch, GREEDY) == expected
     assert engine.block_manager.num_free_blocks == 40
+
+
+def test_logprobs_match_the_model_distribution(model):
+    (prompt,) = prompts([12])
+    engine = make_engine(model)
+    engine.add_request("lp", prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=3))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    entries = [lp for o in outs for lp in o.logprobs]
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert [e.token_id for e in entries] == tokens == hf_greedy(model, prompt, 3)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    assert entries[0].logprob == pytest.approx(float(ref[tokens[0]]), abs=1e-4)
+    assert [t for t, _ in entries[0].top] == ref.topk(3).indices.tolist()
+    assert entries[0].top[0] == (tokens[0], pytest.approx(entries[0].logprob, abs=1e-6))
+    engine.add_request("no", prompt, SamplingParams(max_tokens=2, temperature=0.0))
+    assert all(o.logprobs is None for o in engine.step())
