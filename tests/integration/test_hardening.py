@@ -198,7 +198,10 @@ def test_overload_is_shed_fast_while_admitted_requests_finish(ray_cluster, app_a
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(one, range(4)))
         codes = sorted(c for c, _, _ in results)
-        assert codes.count(200) >= 2 and set(codes) <= {200, 503}, results
+        # Serve admits 1 running + 1 queued; which of 4 simultaneous arrivals get those seats (and whether the
+        # queued one is still counted when the next arrives) is Serve's timing, so we pin: some succeed, the
+        # rest are shed with 503 quickly, nothing else.
+        assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}, results
         shed = [(d, ra) for c, d, ra in results if c == 503]
         assert shed and all(d < 2.0 for d, _ in shed), results
     finally:
