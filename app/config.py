@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.auth import AuthSettings
+from llmaas.app.rate_limit import RateLimitSettings
 from llmaas.deployments.engine import EngineConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,5 +85,10 @@ class AppConfig(BaseModel):
     response_cache_size: int = Field(
         0, ge=0, description="Cache this many deterministic (temperature 0 / seeded) responses; 0 turns it off.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and tenants; none = open.")
+    rate_limits: RateLimitSettings = Field(
+        default_factory=RateLimitSettings, description="Requests per minute per tenant (429 above); off by default.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="End-to-end limit per HTTP request, admission to last token (408 / in-band error "
+                                 "after it; the engine request is aborted); null = none.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")

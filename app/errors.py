@@ -52,6 +52,24 @@ class PayloadTooLarge(APIError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(APIError):
+    """The end-to-end deadline passed (408, as Serve's own proxy timeout answers)."""
+
+    status_code = 408
+    type = "timeout"
+
+
+class RateLimited(APIError):
+    """The tenant's request budget is spent; ``retry_after_s`` says when one request is allowed again."""
+
+    status_code = 429
+    type = "requests"  # what OpenAI's request-rate 429 says
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
 class ServiceUnavailable(APIError):
     status_code = 503
     type = "service_unavailable"

@@ -105,7 +105,8 @@ class LLMServer:
     def stats(self) -> dict[str, float | str]:
         import ray
 
-        return {**self.engine.stats(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.engine.stats(), "node_id": ray.get_runtime_context().get_node_id(),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     def check_health(self) -> None:
         self.engine.check_health()

@@ -25,13 +25,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmaas.app.auth import ANONYMOUS, Authenticator, Principal, require_admin
 from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
 from llmaas.app.config import AppConfig
-from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, unwrap
+from llmaas.app.deadline import Deadline
+from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable, unwrap
 from llmaas.app.files import FileObject
 from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
 from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList
+from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
 from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.serving import OpenAIServing
@@ -56,8 +58,9 @@ OPEN_PATHS = {"/health"}  # the only route that answers without a key when keys 
 
 
 @api.middleware("http")
-async def _authenticate_and_limit(request: Request, call_next):
-    """Every route but /health needs a key (when keys exist); JSON bodies over the cap get 413 unread."""
+async def _gate_requests(request: Request, call_next):
+    """Every route but /health needs a key (when keys exist) and spends the tenant's rate budget;
+    JSON bodies over the cap get 413 unread."""
     gate: _Gate | None = getattr(request.app.state, "gate", None)
     if gate is None:
         return _error(503, "the service is starting", "service_unavailable")
@@ -65,16 +68,23 @@ async def _authenticate_and_limit(request: Request, call_next):
     root = request.scope.get("root_path") or ""
     if root and path.startswith(root):
         path = path[len(root):] or "/"  # the app may be mounted under a route prefix
+    budget = None
     try:
-        request.state.principal = ANONYMOUS if path in OPEN_PATHS else \
-            gate.auth.authenticate(request.headers.get("authorization"))
+        if path in OPEN_PATHS:
+            request.state.principal = ANONYMOUS
+        else:
+            request.state.principal = gate.auth.authenticate(request.headers.get("authorization"))
+            budget = gate.limiter.acquire(request.state.principal.tenant)
+        length = request.headers.get("content-length")
+        limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="body_too_large")
     except APIError as exc:
-        return _api_error_response(exc)
-    length = request.headers.get("content-length")
-    limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return _error(413, f"request body exceeds {limit} bytes", "invalid_request_error", None, "body_too_large")
-    response = await call_next(request)
+        response = _api_error_response(exc)
+    else:
+        response = await call_next(request)
+    if budget is not None:
+        response.headers.update(budget_headers(budget))
     if gate.metrics is not None:
         route = request.scope.get("route")
         gate.metrics.on_request(getattr(route, "path", "unmatched"), response.status_code)
@@ -101,7 +111,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _api_error_response(exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None  # overload: come back soon
+    headers = None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": retry_after(exc.retry_after_s)}
+    elif exc.status_code in (429, 503):
+        headers = {"Retry-After": "1"}  # overload: come back soon
     return JSONResponse(status_code=exc.status_code, content=exc.to_dict(), headers=headers)
 
 
@@ -147,9 +161,10 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 class _Gate:
     """Per-replica request gate state the middleware reads from ``app.state``."""
 
-    def __init__(self, auth: Authenticator, max_body_bytes: int, max_upload_bytes: int,
+    def __init__(self, auth: Authenticator, limiter: RateLimiter, max_body_bytes: int, max_upload_bytes: int,
                  metrics: RouterMetrics | None = None, cache: ResponseCache | None = None) -> None:
         self.auth = auth
+        self.limiter = limiter
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
@@ -222,9 +237,10 @@ class Router:
                                      self.catalog, config.max_n, config.max_stop_sequences, cache, self.metrics)
         self._watcher: asyncio.Task | None = None
         auth = Authenticator(config.auth.load_keys())
-        api.state.gate = _Gate(auth, int(config.max_body_mb * (1 << 20)), self.manage.max_upload_bytes,
-                               self.metrics, cache)
+        api.state.gate = _Gate(auth, RateLimiter(config.rate_limits), int(config.max_body_mb * (1 << 20)),
+                               self.manage.max_upload_bytes, self.metrics, cache)
         self.max_messages = config.max_messages
+        self.timeout_s = config.request_timeout_s
         if not auth.enabled:
             logger.warning("llmaas: no API keys configured, every request is accepted; keep the HTTP proxy on "
                            "127.0.0.1 (serve_config.yaml http_options.host) or configure auth.api_keys_file")
@@ -265,20 +281,22 @@ class Router:
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest, who: Principal = Depends(principal)):
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
         self._check_messages(request)
-        if request.stream:
-            prepared = await self.serving.prepare_chat(request, who.tenant)  # 4xx before the stream opens
-            return _sse(self.serving.chat_stream(request, prepared))
-        return await self.serving.chat(request, who.tenant)
+        if request.stream:  # 4xx before the stream opens; a timeout after it is reported in-band
+            prepared = await deadline.run(self.serving.prepare_chat(request, who.tenant))
+            return _sse(deadline.stream(self.serving.chat_stream(request, prepared)))
+        return await deadline.run(self.serving.chat(request, who.tenant))
 
     @api.post("/v1/completions")
     async def http_completions(self, request: CompletionRequest, who: Principal = Depends(principal)):
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
         if request.stream:
-            prepared = await self.serving.prepare_completion(request, who.tenant)
-            return _sse(self.serving.completion_stream(request, prepared))
-        return await self.serving.completion(request, who.tenant)
+            prepared = await deadline.run(self.serving.prepare_completion(request, who.tenant))
+            return _sse(deadline.stream(self.serving.completion_stream(request, prepared)))
+        return await deadline.run(self.serving.completion(request, who.tenant))
 
     # ----- HTTP: files -----
     @api.post("/v1/files", response_model=FileObject)
@@ -362,25 +380,29 @@ class Router:
         self._set_state(await self.manage.delete_version(model))
         return {"id": model, "object": "model", "deleted": True}
 
-    # ----- Python handle API: same types as HTTP -----
+    # ----- Python handle API: same types and the same request timeout as HTTP -----
     async def chat(self, request: ChatCompletionRequest | dict):
         """``await handle.chat.remote({...})`` -> ChatCompletionResponse."""
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
-        return await self.serving.chat(_parse(ChatCompletionRequest, request))
+        return await deadline.run(self.serving.chat(_parse(ChatCompletionRequest, request)))
 
     async def completions(self, request: CompletionRequest | dict):
         """``await handle.completions.remote({...})`` -> CompletionResponse."""
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
-        return await self.serving.completion(_parse(CompletionRequest, request))
+        return await deadline.run(self.serving.completion(_parse(CompletionRequest, request)))
 
     async def chat_stream(self, request: ChatCompletionRequest | dict):
         """``handle.options(stream=True).chat_stream.remote({...})`` yields ChatCompletionChunk."""
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
-        async for chunk in self.serving.chat_stream(_parse(ChatCompletionRequest, request)):
+        async for chunk in deadline.stream(self.serving.chat_stream(_parse(ChatCompletionRequest, request))):
             yield chunk
 
     async def completions_stream(self, request: CompletionRequest | dict):
         """``handle.options(stream=True).completions_stream.remote({...})`` yields CompletionResponse chunks."""
+        deadline = Deadline.start(self.timeout_s)
         await self._watch()
-        async for chunk in self.serving.completion_stream(_parse(CompletionRequest, request)):
+        async for chunk in deadline.stream(self.serving.completion_stream(_parse(CompletionRequest, request))):
             yield chunk

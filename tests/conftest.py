@@ -31,3 +31,12 @@ def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
     from tests.models import save_tiny_chat_model
 
     return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_long_chat_dir(tmp_path_factory, default_model_dir) -> Path:
+    """The tiny chat model with a 2048-token context: streams long enough to outlast a deadline or a redeploy."""
+    from tests.models import save_tiny_chat_model
+
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinylong") / "tiny-long", default_model_dir,
+                                max_positions=2048)

@@ -24,12 +24,12 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
-def save_tiny_chat_model(target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def save_tiny_chat_model(target: Path, tokenizer_dir: Path, seed: int = 0, max_positions: int = 256) -> Path:
     """A tiny random Llama with the default model's tokenizer and chat template, saved as a checkpoint."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = tiny_llama(seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=256,
+    model = tiny_llama(seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id, max_position_embeddings=max_positions,
                        tie_word_embeddings=True, initializer_range=0.05)
     model.save_pretrained(target, safe_serialization=True)
     tok.save_pretrained(target)

@@ -1,0 +1,102 @@
+"""Graceful drain: in-flight streams finish when their replicas are scaled down, replaced or shut down."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from llmaas.app.config import AppConfig
+from llmaas.deployments.llm_server import LLMServer
+from llmaas.deployments.router import Router
+from llmaas.deployments.tokenizer import Tokenizer
+
+MSG = [{"role": "user", "content": "hi"}]
+TOKENS = 500
+
+
+def _app(cfg: AppConfig, model_replicas: int):
+    drain = {"graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 0.5}
+    return Router.options(**drain).bind(
+        Tokenizer.options(**drain).bind(cfg),
+        LLMServer.options(num_replicas=model_replicas, ray_actor_options={"num_cpus": 0.5}, **drain).bind(cfg), cfg)
+
+
+def _stream(url: str, started: threading.Event | None = None) -> dict:
+    """One long stream; returns its usage and whether anything went wrong in-band."""
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    out = {"errors": [], "finish": None, "usage": None}
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["errors"].append(chunk["error"])
+                continue
+            if started is not None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                started.set()
+            for c in chunk["choices"]:
+                out["finish"] = c.get("finish_reason") or out["finish"]
+            out["usage"] = chunk.get("usage") or out["usage"]
+    return out
+
+
+def _busy_replicas(app: str, tries: int = 40) -> set[str]:
+    """Replica ids of LLMServers running requests right now (stats calls land on random replicas)."""
+    handle = serve.get_deployment_handle("LLMServer", app_name=app)
+    seen = set()
+    for _ in range(tries):
+        s = handle.stats.remote().result()
+        if s["running"] > 0:
+            seen.add(s["replica"])
+    return seen
+
+
+def _assert_completed(results: list[dict]) -> None:
+    for res in results:
+        assert res["status"] == 200 and not res["errors"], res
+        assert res["finish"] == "length" and res["usage"]["completion_tokens"] == TOKENS, res
+
+
+def test_in_flight_streams_finish_through_scale_down_and_shutdown(ray_cluster, app_args, tiny_long_chat_dir,
+                                                                  tmp_path):
+    cfg = AppConfig.model_validate({**app_args, "model": {"source": str(tiny_long_chat_dir),
+                                                          "served_name": "tiny-long"},
+                                    "storage_root": str(tmp_path), "response_cache_size": 0})
+    serve.run(_app(cfg, 2), name="drain-app", route_prefix="/drain")
+    url = f"{ray_cluster}/drain/v1/chat/completions"
+    deleted = False
+    try:
+        with cf.ThreadPoolExecutor(6) as pool:
+            started = [threading.Event() for _ in range(6)]
+            futures = [pool.submit(_stream, url, ev) for ev in started]
+            assert all(ev.wait(60) for ev in started)
+            busy = _busy_replicas("drain-app")
+            assert busy
+            serve.run(_app(cfg, 1), name="drain-app", route_prefix="/drain")  # scale 2 -> 1 (replicas replaced)
+            _assert_completed([f.result(timeout=120) for f in futures])
+        deadline = time.monotonic() + 60
+        while len(serve.status().applications["drain-app"].deployments["LLMServer"].replica_states) != 1 or \
+                serve.status().applications["drain-app"].deployments["LLMServer"].replica_states.get("RUNNING") != 1:
+            assert time.monotonic() < deadline, serve.status().applications["drain-app"].deployments["LLMServer"]
+            time.sleep(0.5)
+        survivor = {serve.get_deployment_handle("LLMServer", app_name="drain-app").stats.remote().result()["replica"]}
+        assert busy - survivor, (busy, survivor)  # a replica holding in-flight streams was stopped under them
+
+        with cf.ThreadPoolExecutor(3) as pool:  # shutdown: delete the app under load
+            started = [threading.Event() for _ in range(3)]
+            futures = [pool.submit(_stream, url, ev) for ev in started]
+            assert all(ev.wait(60) for ev in started)
+            serve.delete("drain-app", _blocking=False)
+            deleted = True
+            _assert_completed([f.result(timeout=120) for f in futures])
+    finally:
+        if not deleted:
+            serve.delete("drain-app")

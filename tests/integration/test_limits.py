@@ -1,0 +1,87 @@
+"""Per-tenant rate limits (429 + Retry-After) and the end-to-end request timeout, over real HTTP."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from llmaas.app.config import AppConfig
+from llmaas.deployments.llm_server import LLMServer
+from llmaas.deployments.router import Router
+from llmaas.deployments.tokenizer import Tokenizer
+
+KEYS = {"trial": "trial-secret-key-0001", "paid": "paid-secret-key-00002"}
+MSG = [{"role": "user", "content": "hi"}]
+TIMEOUT_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def limits_url(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
+    cfg = AppConfig.model_validate({
+        **app_args, "model": {"source": str(tiny_long_chat_dir), "served_name": "tiny-long"},
+        "storage_root": str(tmp_path_factory.mktemp("limits-storage")), "response_cache_size": 0,
+        "auth": {"api_keys": [{"key": KEYS["trial"], "tenant": "trial"}, {"key": KEYS["paid"], "tenant": "paid"}]},
+        "rate_limits": {"tenants": {"trial": 3}}, "request_timeout_s": TIMEOUT_S})
+    app = Router.bind(Tokenizer.bind(cfg), LLMServer.options(ray_actor_options={"num_cpus": 0.5}).bind(cfg), cfg)
+    serve.run(app, name="limits-app", route_prefix="/limits")
+    yield f"{ray_cluster}/limits"
+    serve.delete("limits-app")
+
+
+def h(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+def test_a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not(limits_url):
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1}
+    ok = [httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("trial"), timeout=60)
+          for _ in range(3)]
+    assert [r.status_code for r in ok] == [200] * 3, ok[-1].text
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
+    t = time.monotonic()
+    r = httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("trial"), timeout=60)
+    assert r.status_code == 429 and time.monotonic() - t < 2.0
+    assert r.json()["error"]["code"] == "rate_limit_exceeded" and set(r.json()["error"]) == {
+        "message", "type", "param", "code"}
+    assert 1 <= int(r.headers["retry-after"]) <= 20  # 3/min: one request back every 20 s
+    # another tenant is unaffected, and the openai client sees its own RateLimitError type
+    assert httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60).status_code == 200
+    c = openai.OpenAI(base_url=f"{limits_url}/v1", api_key=KEYS["trial"], max_retries=0, timeout=30)
+    with pytest.raises(openai.RateLimitError):
+        c.models.list()
+
+
+def _engine_idle(app: str, within_s: float) -> dict:
+    handle = serve.get_deployment_handle("LLMServer", app_name=app)
+    deadline = time.monotonic() + within_s
+    while True:
+        stats = handle.stats.remote().result()
+        if stats["running"] == 0 and stats["waiting"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def test_request_past_the_timeout_gets_408_and_frees_the_engine(limits_url):
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "n": 4}
+    t = time.monotonic()
+    r = httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60)
+    took = time.monotonic() - t
+    assert r.status_code == 408, r.text[:300]
+    assert r.json()["error"]["code"] == "request_timeout" and TIMEOUT_S <= took < TIMEOUT_S + 3
+    stats = _engine_idle("limits-app", 2.0)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+def test_stream_past_the_timeout_ends_with_an_in_band_error(limits_url):
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60) as r:
+        assert r.status_code == 200  # headers went out before the deadline
+        lines = [ln for ln in r.iter_lines() if ln]
+    tokens = sum('"content":"' in ln for ln in lines)
+    assert 0 < tokens < 1900 and '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-2:]
+    stats = _engine_idle("limits-app", 2.0)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats

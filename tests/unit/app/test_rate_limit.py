@@ -1,0 +1,66 @@
+"""Token-bucket rate limits per tenant, on a fake clock."""
+from __future__ import annotations
+
+import pytest
+
+from llmaas.app.errors import RateLimited
+from llmaas.app.rate_limit import RateLimiter, RateLimitSettings, budget_headers, retry_after
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_minutes_burst_then_429_with_the_wait_until_one_request_refills():
+    clock = Clock()
+    limiter = RateLimiter(RateLimitSettings(requests_per_minute=3), clock)
+    budgets = [limiter.acquire("alice") for _ in range(3)]
+    assert [b.remaining for b in budgets] == [2, 1, 0]
+    with pytest.raises(RateLimited) as err:
+        limiter.acquire("alice")
+    assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+    assert err.value.retry_after_s == pytest.approx(20.0)  # 3/min refills one every 20 s
+    clock.now += 19.0
+    with pytest.raises(RateLimited):
+        limiter.acquire("alice")
+    clock.now += 1.0
+    assert limiter.acquire("alice").remaining == 0
+
+
+def test_tenants_have_separate_buckets_and_overrides():
+    clock = Clock()
+    limiter = RateLimiter(RateLimitSettings(requests_per_minute=1, tenants={"batch": 5, "ops": None}), clock)
+    limiter.acquire("alice")
+    with pytest.raises(RateLimited):
+        limiter.acquire("alice")
+    limiter.acquire("bob")  # alice spending hers leaves bob's alone
+    for _ in range(5):
+        limiter.acquire("batch")
+    with pytest.raises(RateLimited):
+        limiter.acquire("batch")
+    assert all(limiter.acquire("ops") is None for _ in range(100))  # unlimited
+
+
+def test_refill_never_exceeds_the_burst():
+    clock = Clock()
+    limiter = RateLimiter(RateLimitSettings(requests_per_minute=2), clock)
+    limiter.acquire(None)
+    clock.now += 3600
+    assert [limiter.acquire(None).remaining for _ in range(2)] == [1, 0]
+    with pytest.raises(RateLimited):
+        limiter.acquire(None)
+
+
+def test_off_by_default_and_headers():
+    assert not RateLimiter(RateLimitSettings()).enabled
+    assert RateLimiter(RateLimitSettings()).acquire("anyone") is None
+    assert RateLimiter(RateLimitSettings(tenants={"a": 5})).enabled
+    clock = Clock()
+    budget = RateLimiter(RateLimitSettings(requests_per_minute=60), clock).acquire("a")
+    assert budget_headers(budget) == {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+                                      "x-ratelimit-reset-requests": "1.000s"}
+    assert [retry_after(s) for s in (0.01, 1.0, 1.2, 20.0)] == ["1", "1", "2", "20"]
