@@ -96,10 +96,46 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     num_tokens, num_heads, head_dim = q.shape
     b, q_max = meta.query_index.shape
-    qp = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
-    kp = k_cache[meta.key_slots].transpose(1, 2)  # [B, kv_heads, K, D]
-    vp = v_cache[meta.key_slots].transpose(1, 2)  # [B, kv_heads, K, D]
+    kp = _gather(k_cache, meta.key_slots)  # [B, kv_heads, K, D]
+    vp = _gather(v_cache, meta.key_slots)  # [B, kv_heads, K, D]
+    if q_max == 1:  # a decode-only step: every sequence has one query, in flat order
+        return _decode_attention(q, kp, vp, meta.mask, scale)
+    qp = q.index_select(0, meta.query_index.view(-1)).view(b, q_max, num_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=scale,
                                          enable_gqa=num_heads != kp.shape[1])  # [B, H, Q, D]
     out = out.transpose(1, 2).reshape(b * q_max, num_heads * head_dim)  # [B * Q, H * D]
     return out[meta.token_cells]  # [num_tokens, H * D]
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache: [slots, kv_heads, D], slots: [B, K] -> [B, kv_heads, K, D], contiguous.
+
+    ``index_select`` on the flat slot list is ~8x faster on CPU than advanced indexing with a 2-D
+    index, and batched matmuls over a contiguous copy ~4x faster than over the strided transpose.
+    """
+    b, k_len = slots.shape
+    rows = cache.index_select(0, slots.view(-1))  # [B * K, kv_heads, D]
+    return rows.view(b, k_len, cache.shape[1], cache.shape[2]).transpose(1, 2).contiguous()
+
+
+def _decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence, as two batched matmuls with the query heads of a KV head stacked.
+
+    PyTorch's CPU SDPA kernel is tiled for long queries: for Q = 1 in bfloat16 it took 2.3 ms where
+    these matmuls take 0.2 ms (B=32, K=192, 9 heads; AMD EPYC, 2 threads), i.e. 45% of decode time.
+    Softmax runs in float32, as in transformers' eager attention.
+
+    Args:
+        q: Shape: [B, H, D] (token b is sequence b). kp, vp: Shape: [B, kv_heads, K, D].
+        mask: Shape: [B, 1, 1, K], True for keys the query may see.
+    Returns:
+        Shape: [B, H * D].
+    """
+    b, num_heads, head_dim = q.shape
+    kv_heads, k_len = kp.shape[1], kp.shape[2]
+    group = num_heads // kv_heads  # query heads sharing a KV head are consecutive (repeat_interleave)
+    scores = torch.matmul(q.view(b, kv_heads, group, head_dim), kp.transpose(-1, -2)).float() * scale  # [B, kv, G, K]
+    scores.masked_fill_(~mask.view(b, 1, 1, k_len), float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)  # [B, kv, G, K]
+    return torch.matmul(probs, vp).reshape(b, num_heads * head_dim)  # [B, H * D]

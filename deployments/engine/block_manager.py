@@ -76,7 +76,7 @@ class BlockManager:
     # ----- prefix caching -----
     def _chain(self, seq: Sequence, index: int, tokens: tuple[int, ...]) -> int:
         prev = seq.block_hashes[index - 1] if index else hash(("llmaas-prefix", seq.lora))
-        return hash((prev, tokens))
+        return hash((prev, tokens))  # pending_hashes() chains the same way
 
     def match_prefix(self, seq: Sequence) -> int:
         """For a sequence with no blocks: takes cached blocks for its leading full blocks; returns tokens reused.
@@ -100,9 +100,28 @@ class BlockManager:
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
             seq.num_computed_tokens += self.block_size
-        reused = len(seq.block_table) * self.block_size
-        self.num_cached_tokens += reused
-        return reused
+        return len(seq.block_table) * self.block_size
+
+    def next_block_hash(self, seq: Sequence) -> int | None:
+        """Hash of the first full block ``match_prefix`` could not reuse, or None if there is no such block."""
+        index = len(seq.block_hashes)
+        ids = seq.token_ids()
+        if not self.enable_prefix_caching or (index + 1) * self.block_size > len(ids) - 1:
+            return None
+        return self._chain(seq, index, tuple(ids[index * self.block_size:(index + 1) * self.block_size]))
+
+    def pending_hashes(self, seq: Sequence, num_new_tokens: int) -> list[int]:
+        """Hashes of the blocks ``seq`` completes by computing ``num_new_tokens`` more (committed after the step)."""
+        full = (seq.num_computed_tokens + num_new_tokens) // self.block_size
+        if not self.enable_prefix_caching or full <= len(seq.block_hashes):
+            return []
+        ids = seq.token_ids()
+        prev = seq.block_hashes[-1] if seq.block_hashes else hash(("llmaas-prefix", seq.lora))
+        out = []
+        for i in range(len(seq.block_hashes), full):
+            prev = hash((prev, tuple(ids[i * self.block_size:(i + 1) * self.block_size])))
+            out.append(prev)
+        return out
 
     def commit(self, seq: Sequence) -> None:
         """Hashes the blocks that ``seq`` has completely computed, so later sequences can reuse them."""

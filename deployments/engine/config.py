@@ -23,6 +23,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse K/V of identical leading blocks (shared system prompts)
     max_loras: int = 8  # adapter slots resident at once (distinct adapters in one batch)
     max_lora_rank: int = 16  # slots are rank-padded to this; 8 slots x r16 ~ 160 MB for SmolLM2-135M in fp32
+    cpu_keep_freed_memory: bool = True  # CPU: glibc keeps freed step buffers for reuse (see cpu_allocator.py)
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:

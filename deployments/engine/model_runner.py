@@ -5,6 +5,7 @@ import torch
 
 from .attention import KVCache, build_metadata
 from .config import EngineConfig
+from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
 from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, sample
@@ -29,6 +30,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model: CausalLM, num_blocks: int) -> None:
         self.config = config
         self.model = model
+        if config.cpu_keep_freed_memory and torch.device(config.device).type == "cpu":
+            keep_freed_memory()
         self.kv_cache = KVCache(model.num_layers, num_blocks * config.block_size, model.num_kv_heads,
                                 model.head_dim, config.dtype, config.device)
         self._generators: dict[str, torch.Generator] = {}

@@ -6,6 +6,8 @@ order, whose prompts may be split into chunks across steps (chunked prefill), so
 long prompt never stalls running streams. When KV blocks run out, the youngest
 running sequence is preempted: its blocks are freed and it is recomputed later
 (prompt plus the tokens it had generated), so no request fails on a full cache.
+A waiting sequence whose next prompt block a batch-mate is computing this very step
+waits one step and then reuses that block (n > 1 choices share their prompt's KV).
 """
 from __future__ import annotations
 
@@ -83,9 +85,18 @@ class Scheduler:
                 batch.num_new_tokens.append(num)
                 budget -= num
         # Waiting sequences, strictly FCFS: the head blocks the rest until it fits.
+        inflight: set[int] | None = None  # hashes of blocks this batch completes (built on first need)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             self.block_manager.match_prefix(seq)  # cached leading blocks count as computed
+            wanted = self.block_manager.next_block_hash(seq)
+            if wanted is not None:
+                if inflight is None:
+                    inflight = {h for s, n in zip(batch.seqs, batch.num_new_tokens)
+                                for h in self.block_manager.pending_hashes(s, n)}
+                if wanted in inflight:  # a batch-mate computes this block now (n > 1, a burst sharing a
+                    self.block_manager.deallocate(seq)  # system prompt): wait one step and reuse it
+                    break
             num = min(seq.num_pending_tokens, budget)
             if not self.block_manager.can_allocate(seq, num):
                 self.block_manager.deallocate(seq)  # give the matched blocks back; it waits whole
@@ -98,12 +109,15 @@ class Scheduler:
                 if needs_load:
                     batch.lora_loads.append((seq.lora_slot, seq.lora))
             self.waiting.popleft()
+            self.block_manager.num_cached_tokens += seq.num_computed_tokens  # reused, counted once admitted
             self.block_manager.allocate(seq, num)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num)
             budget -= num
+            if inflight is not None:
+                inflight.update(self.block_manager.pending_hashes(seq, num))
         self.running.sort(key=lambda s: s.arrival)
         return batch
 

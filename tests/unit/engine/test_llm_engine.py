@@ -283,3 +283,19 @@ def test_logprobs_match_the_model_distribution(model):
     assert entries[0].top[0] == (tokens[0], pytest.approx(entries[0].logprob, abs=1e-6))
     engine.add_request("no", prompt, SamplingParams(max_tokens=2, temperature=0.0))
     assert all(o.logprobs is None for o in engine.step())
+
+
+def test_n_choices_arriving_together_share_the_prompt_blocks(model):
+    (prompt,) = prompts([41], seed=5)  # ten full 4-token blocks, then one token
+    expected = hf_greedy(model, prompt, 24)
+    engine = make_engine(model)
+    assert engine.generate([prompt] * 4, GREEDY) == [expected] * 4
+    assert engine.block_manager.num_cached_tokens == 3 * 40  # choices 2..4 reuse choice 1's ten blocks
+
+
+def test_prefix_sharing_across_chunked_prefill(model):
+    (prompt,) = prompts([41], seed=6)
+    expected = hf_greedy(model, prompt, 24)
+    engine = make_engine(model, max_num_batched_tokens=16, max_num_seqs=4)  # the prompt takes three steps
+    assert engine.generate([prompt] * 3, GREEDY) == [expected] * 3
+    assert engine.block_manager.num_cached_tokens == 2 * 40

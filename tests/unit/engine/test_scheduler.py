@@ -15,8 +15,10 @@ def make(num_blocks=16, block_size=4, budget=32, max_seqs=4) -> Scheduler:
     return Scheduler(cfg, BlockManager(num_blocks, block_size))
 
 
-def add(s: Scheduler, n_prompt: int, arrival: int) -> Sequence:
-    seq = Sequence(str(arrival), list(range(n_prompt)), SamplingParams(), arrival=arrival)
+def add(s: Scheduler, n_prompt: int, arrival: int, tokens: list[int] | None = None) -> Sequence:
+    """A sequence with its own prompt (distinct per arrival, so no prefix sharing) unless ``tokens`` is given."""
+    prompt = tokens if tokens is not None else list(range(1000 * arrival, 1000 * arrival + n_prompt))
+    seq = Sequence(str(arrival), prompt, SamplingParams(), arrival=arrival)
     s.add(seq)
     return seq
 
@@ -80,3 +82,25 @@ def test_abort_removes_from_either_queue():
     assert s.abort("1") is b and s.abort("0") is a
     assert not s.has_unfinished() and s.block_manager.num_free_blocks == 16
     assert s.abort("0") is None
+
+
+@pytest.mark.parametrize("prompts, expected_first, expected_second", [
+    # identical 9-token prompts (two full 4-token blocks + 1): the twin waits a step, then computes 1 token
+    ([list(range(9)), list(range(9))], [9], [1, 1]),
+    # only the first block is shared: still worth a one-step wait, then the twin computes 5 of its 9
+    ([list(range(9)), list(range(4)) + [50, 51, 52, 53, 54]], [9], [1, 5]),
+    # nothing shared: both run at once
+    ([list(range(9)), list(range(100, 109))], [9, 9], [1, 1]),
+    # a prompt shorter than a block has nothing to share
+    ([[1, 2, 3], [1, 2, 3]], [3, 3], [1, 1]),
+])
+def test_twin_waits_a_step_for_blocks_a_batch_mate_computes(prompts, expected_first, expected_second):
+    s = make()
+    for i, p in enumerate(prompts):
+        add(s, len(p), i, tokens=p)
+    first = s.schedule()
+    assert first.num_new_tokens == expected_first
+    run(s, first)
+    for seq in first.seqs:
+        s.block_manager.commit(seq)
+    assert s.schedule().num_new_tokens == expected_second
