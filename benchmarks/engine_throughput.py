@@ -166,6 +166,7 @@ def main() -> None:
                    help="also measure HF static-cache (compiled) generate; default on with CUDA")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the results file, e.g. cpu_smollm2_bf16 or h100_1b")
     args = p.parse_args()
     if args.quick:
         args.config, args.requests, args.prompt_tokens, args.gen_tokens, args.adapters = "tiny", 8, 16, 8, 2
@@ -203,7 +204,7 @@ def main() -> None:
                          "ratio": mixed / peft})
     print_table(rows, ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])
     if not args.no_save:
-        name = "engine_throughput" + ("_quick" if args.quick else "")
+        name = "engine_throughput" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         print("saved", save(name, {"args": vars(args), "rows": rows}))
 
 
