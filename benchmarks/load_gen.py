@@ -1,6 +1,7 @@
 """Overload behaviour: N concurrent clients, a fixed number of requests, limits on the ingress.
 
     python -m llmaas.benchmarks.load_gen --clients 16 --requests 64 --max-ongoing 4 --max-queued 4
+    python -m llmaas.benchmarks.load_gen --clients 16 --requests 64 --max-ongoing 64 --max-queued 64 --rpm 20
 
 Loopback only, bounded in count and time. Reports goodput (completion tokens/s of
 successful requests), latency p50/p99 of successes, and every status seen: all non-2xx
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-ongoing", type=int, default=4, help="Router max_ongoing_requests")
     p.add_argument("--max-queued", type=int, default=4, help="Router max_queued_requests")
+    p.add_argument("--rpm", type=float, default=None, help="rate limit (requests/minute) for the keyless tenant")
     p.add_argument("--model-source", default=None)
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--deadline", type=float, default=300, help="the whole run stops by then")
@@ -77,7 +79,8 @@ def main() -> None:
 
         source = str(save_tiny_chat_model(Path(work) / "tiny", default_model_dir(ModelSettings().cache_dir)))
     cfg = AppConfig.model_validate({"model": {"source": source}, "storage_root": f"{work}/storage",
-                                    "engine": {"torch_threads": 2}})
+                                    "engine": {"torch_threads": 2},
+                                    "rate_limits": {"requests_per_minute": args.rpm}})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(Router.options(max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued).bind(
@@ -94,7 +97,8 @@ def main() -> None:
            "shed_p99_ms": percentile([r[1] for r in results if r[0] in (429, 503)], 99) * 1e3}
     print_table([row], list(row))
     print("statuses:", statuses)
-    print("saved", save("load_gen", {"args": vars(args), "row": row, "statuses": statuses}))
+    name = "load_gen" + ("_rate_limited" if args.rpm else "")
+    print("saved", save(name, {"args": vars(args), "row": row, "statuses": statuses}))
 
 
 if __name__ == "__main__":
