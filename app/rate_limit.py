@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.errors import RateLimited
+
+
+PositiveRate = Annotated[float, Field(gt=0)]
 
 
 class RateLimitSettings(BaseModel):
@@ -23,7 +28,7 @@ class RateLimitSettings(BaseModel):
 
     requests_per_minute: float | None = Field(
         None, gt=0, description="Every tenant's limit (the keyless default counts as one tenant); none = unlimited.")
-    tenants: dict[str, float | None] = Field(
+    tenants: dict[str, PositiveRate | None] = Field(
         default_factory=dict, description="Per-tenant overrides, e.g. {batch-team: 6000, trial: 20}; null = unlimited.")
 
     def limit_for(self, tenant: str | None) -> float | None:

@@ -38,7 +38,8 @@ def storage_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def app_args(tiny_chat_dir, storage_root) -> dict:
     return {"model": {"source": str(tiny_chat_dir), "served_name": "tiny-chat"},
-            "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05},
+            # float32: the parity tests compare served tokens and logprobs with transformers in float32
+            "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05, "dtype": "float32"},
             "storage_root": str(storage_root), "max_upload_mb": 1, "response_cache_size": 256}
 
 
