@@ -5,6 +5,8 @@
         --gen-tokens 64 --dtype bfloat16                                         # CPU, SmolLM2
     python -m llmaas.benchmarks.engine_throughput --config llama-3.2-1b --requests 256 --prompt-tokens 128 \\
         --gen-tokens 128 --dtype bfloat16 --adapters 8                          # GPU, random weights
+    python -m benchmarks.engine_throughput --suite gpu --tag h100              # every GPU target, one process
+    python -m llmaas.benchmarks.engine_throughput --suite cpu-smoke            # its CPU rehearsal
 
 Cases: ours (continuous batching, paged KV) vs HF ``generate()`` eager, batched and
 padded, same dtype; with --adapters N, ours with N distinct LoRA adapters mixed in one
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import os
 import random
+import tempfile
 import time
 
 import torch
@@ -58,8 +63,13 @@ def build_model(args) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0,
                       **CONFIGS[args.config])
-    with torch.device(args.device):
-        return LlamaForCausalLM(cfg).to(DTYPES[args.dtype]).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[args.dtype])  # built in the target dtype: an 8B model never exists in fp32
+    try:
+        with torch.device(args.device):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,16 +123,31 @@ def run_hf(model, prompts, args, batch_size: int, static: bool = False) -> float
 
 
 def make_adapters(model, n: int, rank: int, out_dir) -> list[str]:
-    from peft import LoraConfig, get_peft_model
+    """n random PEFT LoRA adapters (all seven projections) written as PEFT saves them, without copying the model
+    (an 8B model would not fit twice)."""
+    import json
 
+    from safetensors.torch import save_file
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     paths = []
     for i in range(n):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(copy.deepcopy(model).float().cpu(), LoraConfig(
-            r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        g = torch.Generator().manual_seed(100 + i)
+        tensors = {}
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in targets:
+                key = f"base_model.model.{name}"
+                a = torch.randn(rank, module.in_features, generator=g) / module.in_features ** 0.5  # [r, in]
+                b = torch.randn(module.out_features, rank, generator=g) * 0.02  # [out, r]
+                tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
         path = f"{out_dir}/a{i}"
-        peft_model.save_pretrained(path)
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, f"{path}/adapter_model.safetensors")
+        with open(f"{path}/adapter_config.json", "w") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
+                       "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
+                       "base_model_name_or_path": None, "fan_in_fan_out": False, "use_rslora": False}, f)
         paths.append(path)
     return paths
 
@@ -147,6 +172,62 @@ def run_peft(model, prompts, args, adapters, batch_size: int) -> float:
     return len(prompts) * args.gen_tokens / (time.perf_counter() - t)
 
 
+# Every GPU target of the engine issue in one process (one device session): 1B base, then 8B base + 8 adapters.
+SUITES = {
+    "gpu": [dict(config="llama-3.2-1b", requests=256, prompt_tokens=128, gen_tokens=128, adapters=0, dtype="bfloat16"),
+            dict(config="llama-3.1-8b", requests=64, prompt_tokens=128, gen_tokens=128, adapters=8, dtype="bfloat16")],
+    # the same code path on CPU, small enough for a laptop: run it before spending device time
+    "cpu-smoke": [dict(config="tiny", requests=16, prompt_tokens=16, gen_tokens=8, adapters=0),
+                  dict(config="tiny", requests=8, prompt_tokens=16, gen_tokens=8, adapters=4)],
+}
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run_case(args) -> list[dict]:
+    """Ours vs the peers on one model and workload; returns table rows."""
+    model = build_model(args)
+    if args.model:
+        model = model.to(args.device, DTYPES[args.dtype]).eval()
+    vocab = model.config.vocab_size
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
+    hf_batch = args.hf_batch or args.requests
+    label = f"{args.model or args.config} {args.requests}x{args.prompt_tokens}/{args.gen_tokens}"
+    rows = []
+    ours = run_ours(model, prompts, args)
+    free_memory(args.device)
+    hf = run_hf(model, prompts, args, hf_batch)
+    rows.append({"case": f"{label} base", "ours_tok_s": ours, "peer": f"HF generate eager (batch {hf_batch})",
+                 "peer_tok_s": hf, "ratio": ours / hf})
+    if args.static_peer:
+        free_memory(args.device)
+        hf_static = run_hf(model, prompts, args, hf_batch, static=True)
+        rows.append({"case": f"{label} base", "ours_tok_s": ours,
+                     "peer": f"HF generate static cache (batch {hf_batch})", "peer_tok_s": hf_static,
+                     "ratio": ours / hf_static})
+    if args.adapters:
+        with tempfile.TemporaryDirectory() as d:
+            paths = make_adapters(model, args.adapters, args.lora_rank, d)
+            loras = [f"a{i % args.adapters}" for i in range(len(prompts))]
+            free_memory(args.device)
+            mixed = run_ours(model, prompts, args, loras, paths)
+            case = f"{label} {args.adapters} adapters mixed"
+            rows.append({"case": case, "ours_tok_s": mixed, "peer": "ours base-only", "peer_tok_s": ours,
+                         "ratio": mixed / ours})
+            free_memory(args.device)
+            peft = run_peft(model, prompts, args, paths, hf_batch)
+            rows.append({"case": case, "ours_tok_s": mixed, "peer": f"PEFT generate adapter_names (batch {hf_batch})",
+                         "peer_tok_s": peft, "ratio": mixed / peft})
+    del model
+    free_memory(args.device)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="'default' (SmolLM2) or a checkpoint dir; else --config")
@@ -165,6 +246,8 @@ def main() -> None:
     p.add_argument("--static-peer", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                    help="also measure HF static-cache (compiled) generate; default on with CUDA")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="run every case of a suite in one go (gpu: the issue's targets; cpu-smoke: its CPU rehearsal)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the results file, e.g. cpu_smollm2_bf16 or h100_1b")
     args = p.parse_args()
@@ -173,38 +256,19 @@ def main() -> None:
         args.model = None
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args)
-    if args.model:
-        model = model.to(args.device, DTYPES[args.dtype]).eval()
-    vocab = model.config.vocab_size
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
-    hf_batch = args.hf_batch or args.requests
-    rows = []
-    ours = run_ours(model, prompts, args)
-    hf = run_hf(model, prompts, args, hf_batch)
-    rows.append({"case": "base", "ours_tok_s": ours, "peer": f"HF generate eager (batch {hf_batch})",
-                 "peer_tok_s": hf, "ratio": ours / hf})
-    if args.static_peer:
-        hf_static = run_hf(model, prompts, args, hf_batch, static=True)
-        rows.append({"case": "base", "ours_tok_s": ours, "peer": f"HF generate static cache (batch {hf_batch})",
-                     "peer_tok_s": hf_static, "ratio": ours / hf_static})
-    if args.adapters:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            paths = make_adapters(model, args.adapters, args.lora_rank, d)
-            loras = [f"a{i % args.adapters}" for i in range(len(prompts))]
-            mixed = run_ours(model, prompts, args, loras, paths)
-            rows.append({"case": f"{args.adapters} adapters mixed", "ours_tok_s": mixed,
-                         "peer": "ours base-only", "peer_tok_s": ours, "ratio": mixed / ours})
-            peft = run_peft(model, prompts, args, paths, hf_batch)
-            rows.append({"case": f"{args.adapters} adapters mixed", "ours_tok_s": mixed,
-                         "peer": f"PEFT generate adapter_names (batch {hf_batch})", "peer_tok_s": peft,
-                         "ratio": mixed / peft})
+    if args.suite:
+        rows = []
+        for overrides in SUITES[args.suite]:
+            case = copy.copy(args)
+            vars(case).update(overrides, model=None)
+            rows += run_case(case)
+            print_table(rows[-1:], ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])  # progress
+    else:
+        rows = run_case(args)
     print_table(rows, ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])
     if not args.no_save:
-        name = "engine_throughput" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+        name = "engine_throughput" + ("_quick" if args.quick else "") + (f"_{args.suite}" if args.suite else "") \
+            + (f"_{args.tag}" if args.tag else "")
         print("saved", save(name, {"args": vars(args), "rows": rows}))
 
 
