@@ -30,13 +30,13 @@ from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLim
 from llmaas.app.files import FileObject
 from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
 from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
-from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.model_source import base_model_info, resolve_model
-from llmaas.app.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelList
+from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
 from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.serving import OpenAIServing
+from llmaas.deployments.handle_backend import HandleBackend
 from llmaas.deployments.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -171,41 +171,6 @@ class _Gate:
         self.cache = cache
 
 
-class _HandleBackend:
-    """Backend for OpenAIServing over DeploymentHandles; exceptions come back unwrapped."""
-
-    def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle) -> None:
-        self.tokenizer = tokenizer
-        self.llm = llm
-
-    async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt:
-        try:
-            return await self.tokenizer.encode_chat.remote(messages, max_tokens)
-        except Exception as exc:
-            raise unwrap(exc) from None
-
-    async def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
-        try:
-            return await self.tokenizer.encode_prompt.remote(prompt, max_tokens)
-        except Exception as exc:
-            raise unwrap(exc) from None
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        gen = self.llm.options(stream=True).generate.remote(request)
-        done = False
-        try:
-            async for delta in gen:
-                done = delta.finish_reason is not None
-                yield delta
-            done = True
-        except Exception as exc:
-            done = True
-            raise unwrap(exc) from None
-        finally:
-            if not done:
-                gen.cancel()
-
-
 def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
     if isinstance(request, model):
         return request
@@ -233,7 +198,7 @@ class Router:
                                     ray.get(self.manage.registry.snapshot.remote()))
         self.metrics = RouterMetrics()
         cache = ResponseCache(config.response_cache_size)
-        self.serving = OpenAIServing(_HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
+        self.serving = OpenAIServing(HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
                                      self.catalog, config.max_n, config.max_stop_sequences, cache, self.metrics)
         self._watcher: asyncio.Task | None = None
         auth = Authenticator(config.auth.load_keys())
