@@ -65,13 +65,32 @@ def _assert_completed(results: list[dict]) -> None:
         assert res["finish"] == "length" and res["usage"]["completion_tokens"] == TOKENS, res
 
 
-def test_in_flight_streams_finish_through_scale_down_and_shutdown(ray_cluster, app_args, tiny_long_chat_dir,
-                                                                  tmp_path):
+@pytest.fixture(scope="module")
+def long_app(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
+    """Two model replicas of the 2k-context tiny model, default request timeout (600 s)."""
     cfg = AppConfig.model_validate({**app_args, "model": {"source": str(tiny_long_chat_dir),
                                                           "served_name": "tiny-long"},
-                                    "storage_root": str(tmp_path), "response_cache_size": 0})
+                                    "storage_root": str(tmp_path_factory.mktemp("drain-storage")),
+                                    "response_cache_size": 0})
     serve.run(_app(cfg, 2), name="drain-app", route_prefix="/drain")
-    url = f"{ray_cluster}/drain/v1/chat/completions"
+    yield cfg, f"{ray_cluster}/drain/v1/chat/completions"
+    if "drain-app" in serve.status().applications:
+        serve.delete("drain-app")
+
+
+def test_client_hanging_up_on_a_non_streaming_request_frees_the_engine(long_app):
+    _, url = long_app
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1500, "ignore_eos": True, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):  # gives up long before 2 x 1500 tokens (or the 600 s timeout)
+        httpx.post(url, json=body, timeout=1.0)
+    hung_up = time.monotonic()
+    while _busy_replicas("drain-app", tries=10):
+        assert time.monotonic() - hung_up < 2.0, "the engine still runs a request nobody waits for"
+        time.sleep(0.05)
+
+
+def test_in_flight_streams_finish_through_scale_down_and_shutdown(long_app):
+    cfg, url = long_app
     deleted = False
     try:
         with cf.ThreadPoolExecutor(6) as pool:

@@ -85,3 +85,4 @@ def test_stream_past_the_timeout_ends_with_an_in_band_error(limits_url):
     assert 0 < tokens < 1900 and '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-2:]
     stats = _engine_idle("limits-app", 2.0)
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
+
