@@ -129,9 +129,20 @@ class SlotTable:
 
 @dataclass(slots=True)
 class LoRABatch:
-    """Per-step adapter segments over the flat token rows (batch ordered by slot)."""
+    """Per-step adapter segments over the flat token rows (batch ordered by slot).
+
+    ``LoRAPool.prepare`` adds the padded-segment layout (tensors built once per step, used by every
+    layer and module) when the segments are even enough for it; otherwise they stay None.
+    """
 
     segments: list[tuple[int, int, int]]  # (row start, row end, slot) for rows that have an adapter
+    slots: torch.Tensor | None = None  # [S] slot of each padded batch entry (None: entry i is slot i)
+    gather_rows: torch.Tensor | None = None  # [S * L] token row of each padded cell (padding repeats a row)
+    cells: torch.Tensor | None = None  # [N] padded cell of each adapter token, in row order
+    rows: torch.Tensor | None = None  # [N] token row of each adapter token
+    scales: torch.Tensor | None = None  # [S, 1, 1] alpha / r of each entry's adapter
+    max_len: int = 0  # L: the longest segment; 0: no padded layout, loop over segments
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, its [S, L, in] gather): q/k/v share one x
 
 
 class LoRAPool:
@@ -140,6 +151,7 @@ class LoRAPool:
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device | str) -> None:
         self.max_rank = max_rank
+        self.dtype = dtype
         # module -> [L, slots, max_rank, in] and [L, slots, out, max_rank]
         self.a = {m: torch.zeros(num_layers, num_slots, max_rank, i, dtype=dtype, device=device)
                   for m, (i, o) in shapes.items()}
@@ -157,14 +169,63 @@ class LoRAPool:
             self.b[module][layer, slot, :, :r].copy_(b)
         self.scale[slot] = adapter.scale
 
+    def prepare(self, batch: LoRABatch, device: torch.device | str) -> LoRABatch:
+        """Builds the padded layout when padding costs at most 2x the adapter rows (decode steps, even
+        prefills); a skewed prefill (one long prompt beside short ones) keeps the per-segment loop.
+
+        When most slots are in use, the padded batch has one entry per slot (entry i = slot i, empty
+        ones all padding), so the slot buffers are used in place instead of gathered for every layer.
+        """
+        lengths = [end - start for start, end, _ in batch.segments]
+        if not lengths:
+            return batch
+        num, width = sum(lengths), max(lengths)
+        if len(lengths) == 1 or len(lengths) * width > 2 * num:
+            return batch
+        num_slots = len(self.scale)
+        in_place = num_slots <= 2 * len(lengths)
+        entries = list(range(num_slots)) if in_place else [slot for _, _, slot in batch.segments]
+        where = {slot: (start, end) for start, end, slot in batch.segments}
+        gather, cells, rows = [], [], []
+        first = batch.segments[0][0]
+        for e, slot in enumerate(entries):
+            start, end = where.get(slot, (first, first))
+            seg = list(range(start, end))
+            gather += seg + [first] * (width - len(seg))
+            cells += range(e * width, e * width + len(seg))
+            rows += seg
+        batch.slots = None if in_place else torch.tensor(entries, device=device)
+        batch.gather_rows = torch.tensor(gather, device=device)
+        batch.cells = torch.tensor(cells, device=device)
+        batch.rows = torch.tensor(rows, device=device)
+        batch.scales = torch.tensor([self.scale[slot] for slot in entries], dtype=self.dtype,
+                                    device=device).view(-1, 1, 1)
+        batch.max_len = width
+        return batch
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoRABatch) -> torch.Tensor:
         """Adds each segment's LoRA delta to ``y`` in place.
+
+        With the padded layout this is Punica's SGMV as two batched matmuls over [S, L] cells (S segments
+        padded to the longest, L), instead of a Python loop of 3 ops per segment: 8 adapters x 7 modules x
+        30 layers was ~5000 small ops per decode step.
 
         Args:
             y: Shape: [num_tokens, out] (base projection output).
             x: Shape: [num_tokens, in] (projection input).
         """
         a_all, b_all = self.a[module][layer], self.b[module][layer]  # [slots, r, in], [slots, out, r]
-        for start, end, slot in batch.segments:
-            y[start:end] += (x[start:end] @ a_all[slot].T) @ b_all[slot].T * self.scale[slot]
+        if not batch.max_len:
+            for start, end, slot in batch.segments:
+                y[start:end] += (x[start:end] @ a_all[slot].T) @ b_all[slot].T * self.scale[slot]
+            return y
+        entries, width = batch.scales.shape[0], batch.max_len
+        if batch.gathered is None or batch.gathered[0] is not x:
+            batch.gathered = (x, x.index_select(0, batch.gather_rows).view(entries, width, x.shape[1]))
+        xs = batch.gathered[1]  # [S, L, in]
+        if batch.slots is not None:
+            a_all, b_all = a_all.index_select(0, batch.slots), b_all.index_select(0, batch.slots)
+        delta = torch.bmm(torch.bmm(xs, a_all.transpose(1, 2)), b_all.transpose(1, 2))  # [S, L, out]
+        delta = delta * batch.scales  # PEFT's order: B(A(x)) * scale
+        y.index_add_(0, batch.rows, delta.view(entries * width, -1).index_select(0, batch.cells))
         return y

@@ -81,7 +81,10 @@ class ModelRunner:
         meta = build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
-        hidden = self.model(input_ids, pos, meta, self.kv_cache, LoRABatch(segments), self.lora_pool)  # [T, hidden]
+        lora = LoRABatch(segments)
+        if self.lora_pool is not None:
+            self.lora_pool.prepare(lora, device)
+        hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
         for seq, num in zip(seqs, nums):
             seq.num_computed_tokens += num
         if not sample_rows:

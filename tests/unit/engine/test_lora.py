@@ -151,3 +151,38 @@ def test_prefix_cache_never_shares_blocks_across_adapters(base, tmp_path):
     assert engine.block_manager.num_cached_tokens == 0  # same tokens, other adapter: other K/V
     assert engine.generate([prompt], GREEDY, ["p"]) == [peft_greedy(base, path, prompt)]
     assert engine.block_manager.num_cached_tokens == 36
+
+
+@pytest.mark.parametrize("segments, padded", [
+    ([(0, 2, 1), (2, 5, 0), (5, 6, 2)], True),  # decode-like: even segments take the padded SGMV path
+    ([(1, 2, 0), (2, 3, 1)], True),  # row 0 has no adapter; 2 of 3 slots: slot buffers used in place
+    ([(0, 3, 2), (3, 4, 0)], True),  # slot 1 unused: an all-padding entry
+    ([(0, 40, 0), (40, 41, 2), (41, 42, 1)], False),  # skewed prefill: the per-segment loop
+    ([(0, 6, 2)], False),  # one adapter
+])
+def test_segmented_lora_equals_a_naive_per_row_reference(segments, padded):
+    from llmaas.deployments.engine.lora import AdapterWeights, LoRABatch, LoRAPool
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q_proj": (8, 12)}
+    pool = LoRAPool(3, 4, 1, shapes, torch.float32, "cpu")
+    for slot, rank in enumerate((4, 2, 3)):
+        a, b = torch.randn(rank, 8, generator=g), torch.randn(12, rank, generator=g)
+        pool.write(slot, AdapterWeights(f"a{slot}", rank, 0.5 + slot, {(0, "q_proj"): (a, b)}))
+    rows = max(end for _, end, _ in segments) + 2  # trailing base rows
+    x, y = torch.randn(rows, 8, generator=g), torch.randn(rows, 12, generator=g)
+    expected = y.clone()
+    for start, end, slot in segments:
+        for r in range(start, end):  # y[r] += scale * B (A x[r])
+            expected[r] += pool.scale[slot] * (pool.b["q_proj"][0, slot] @ (pool.a["q_proj"][0, slot] @ x[r]))
+    batch = pool.prepare(LoRABatch(segments), "cpu")
+    assert bool(batch.max_len) == padded
+    torch.testing.assert_close(pool.apply(y.clone(), x, 0, "q_proj", batch), expected)
+
+
+def test_padded_layout_gathers_the_slots_when_few_are_in_use():
+    from llmaas.deployments.engine.lora import LoRABatch, LoRAPool
+
+    pool = LoRAPool(8, 4, 1, {"q_proj": (8, 12)}, torch.float32, "cpu")
+    assert pool.prepare(LoRABatch([(0, 1, 5), (1, 2, 3)]), "cpu").slots.tolist() == [5, 3]
+    assert pool.prepare(LoRABatch([(s, s + 1, s) for s in range(4)]), "cpu").slots is None  # 4 of 8: in place
