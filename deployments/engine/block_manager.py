@@ -74,8 +74,13 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # ----- prefix caching -----
+    @staticmethod
+    def _seed(seq: Sequence) -> int:
+        """Where a sequence's hash chain starts: the adapter's K/V differ, so its blocks never match the base's."""
+        return hash(("llmaas-prefix", seq.lora))
+
     def _chain(self, seq: Sequence, index: int, tokens: tuple[int, ...]) -> int:
-        prev = seq.block_hashes[index - 1] if index else hash(("llmaas-prefix", seq.lora))
+        prev = seq.block_hashes[index - 1] if index else self._seed(seq)
         return hash((prev, tokens))  # pending_hashes() chains the same way
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -116,7 +121,7 @@ class BlockManager:
         if not self.enable_prefix_caching or full <= len(seq.block_hashes):
             return []
         ids = seq.token_ids()
-        prev = seq.block_hashes[-1] if seq.block_hashes else hash(("llmaas-prefix", seq.lora))
+        prev = seq.block_hashes[-1] if seq.block_hashes else self._seed(seq)
         out = []
         for i in range(len(seq.block_hashes), full):
             prev = hash((prev, tuple(ids[i * self.block_size:(i + 1) * self.block_size])))
