@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 SUPPORTED_MODULES = ATTN_MODULES + MLP_MODULES
 
@@ -152,11 +153,22 @@ class LoRAPool:
                  dtype: torch.dtype, device: torch.device | str) -> None:
         self.max_rank = max_rank
         self.dtype = dtype
-        # module -> [L, slots, max_rank, in] and [L, slots, out, max_rank]
-        self.a = {m: torch.zeros(num_layers, num_slots, max_rank, i, dtype=dtype, device=device)
-                  for m, (i, o) in shapes.items()}
+        # Projections that read the same x keep their A stacked in one buffer, [L, slots, n * max_rank, in],
+        # so one batched matmul computes A x for the whole group; self.a holds per-module views of it.
+        self.a_groups: dict[tuple[str, ...], torch.Tensor] = {}
+        self.a: dict[str, torch.Tensor] = {}  # module -> [L, slots, max_rank, in]
+        for group in GROUPS:
+            if all(m in shapes for m in group) and len({shapes[m][0] for m in group}) == 1:
+                stacked = torch.zeros(num_layers, num_slots, len(group) * max_rank, shapes[group[0]][0],
+                                      dtype=dtype, device=device)
+                self.a_groups[group] = stacked
+                for i, m in enumerate(group):
+                    self.a[m] = stacked[:, :, i * max_rank:(i + 1) * max_rank]
+        for m, (i, _) in shapes.items():
+            if m not in self.a:
+                self.a[m] = torch.zeros(num_layers, num_slots, max_rank, i, dtype=dtype, device=device)
         self.b = {m: torch.zeros(num_layers, num_slots, o, max_rank, dtype=dtype, device=device)
-                  for m, (i, o) in shapes.items()}
+                  for m, (i, o) in shapes.items()}  # module -> [L, slots, out, max_rank]
         self.scale = [0.0] * num_slots
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
@@ -219,13 +231,39 @@ class LoRAPool:
             for start, end, slot in batch.segments:
                 y[start:end] += (x[start:end] @ a_all[slot].T) @ b_all[slot].T * self.scale[slot]
             return y
-        entries, width = batch.scales.shape[0], batch.max_len
+        ax = torch.bmm(self._gathered(x, batch), self._entries(a_all, batch).transpose(1, 2))  # [S, L, r]
+        return self._add_delta(y, ax, module, layer, batch)
+
+    def apply_group(self, ys: list[torch.Tensor], x: torch.Tensor, layer: int, modules: tuple[str, ...],
+                    batch: LoRABatch) -> None:
+        """``apply`` for projections of the same ``x`` (q/k/v, gate/up): one batched matmul computes A x
+        for all of them from their stacked A."""
+        stacked = self.a_groups.get(modules)
+        if stacked is None or not batch.max_len:
+            for y, module in zip(ys, modules):
+                self.apply(y, x, layer, module, batch)
+            return
+        ax = torch.bmm(self._gathered(x, batch), self._entries(stacked[layer], batch).transpose(1, 2))  # [S, L, n*r]
+        r = self.max_rank
+        for i, (y, module) in enumerate(zip(ys, modules)):
+            self._add_delta(y, ax[:, :, i * r:(i + 1) * r], module, layer, batch)
+
+    @staticmethod
+    def _gathered(x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        """x's rows in the padded layout, [S, L, in]; reused while the same x comes back."""
         if batch.gathered is None or batch.gathered[0] is not x:
-            batch.gathered = (x, x.index_select(0, batch.gather_rows).view(entries, width, x.shape[1]))
-        xs = batch.gathered[1]  # [S, L, in]
-        if batch.slots is not None:
-            a_all, b_all = a_all.index_select(0, batch.slots), b_all.index_select(0, batch.slots)
-        delta = torch.bmm(torch.bmm(xs, a_all.transpose(1, 2)), b_all.transpose(1, 2))  # [S, L, out]
-        delta = delta * batch.scales  # PEFT's order: B(A(x)) * scale
-        y.index_add_(0, batch.rows, delta.view(entries * width, -1).index_select(0, batch.cells))
+            batch.gathered = (x, x.index_select(0, batch.gather_rows).view(-1, batch.max_len, x.shape[1]))
+        return batch.gathered[1]
+
+    @staticmethod
+    def _entries(weights: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        """A slot buffer [slots, ...] as the padded batch's entries [S, ...]."""
+        return weights if batch.slots is None else weights.index_select(0, batch.slots)
+
+    def _add_delta(self, y: torch.Tensor, ax: torch.Tensor, module: str, layer: int,
+                   batch: LoRABatch) -> torch.Tensor:
+        """y[rows] += scale * B (A x) for the padded cells that hold real tokens. ax: [S, L, r]."""
+        b = self._entries(self.b[module][layer], batch)  # [S, out, r]
+        delta = torch.bmm(ax, b.transpose(1, 2)) * batch.scales  # [S, L, out]; PEFT's order: B(A(x)) * scale
+        y.index_add_(0, batch.rows, delta.view(-1, delta.shape[-1]).index_select(0, batch.cells))
         return y

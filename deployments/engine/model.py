@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .attention import AttentionMetadata, KVCache, paged_attention
-from .lora import LoRABatch, LoRAPool
+from .lora import GROUPS, LoRABatch, LoRAPool
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+QKV, GATE_UP = GROUPS
 
 
 class UnsupportedModelError(ValueError):
@@ -89,19 +90,28 @@ class CausalLM(nn.Module):
             y = module(x)
             return pool.apply(y, x, layer, name, lora) if use_lora else y
 
+        def group(x: torch.Tensor, layer: int, modules: tuple[nn.Linear, ...],
+                  names: tuple[str, ...]) -> list[torch.Tensor]:
+            ys = [m(x) for m in modules]
+            if use_lora:
+                pool.apply_group(ys, x, layer, names, lora)
+            return ys
+
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            q = proj(attn.q_proj, x, i, "q_proj").view(t, self.num_heads, self.head_dim)  # [T, H, D]
-            k = proj(attn.k_proj, x, i, "k_proj").view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
-            v = proj(attn.v_proj, x, i, "v_proj").view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            q, k, v = group(x, i, (attn.q_proj, attn.k_proj, attn.v_proj), QKV)
+            q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+            k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
+            v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv_cache.write(i, meta.slot_mapping, k, v)
             o = paged_attention(q, kv_cache.k[i], kv_cache.v[i], meta, self.scale)  # [T, H * D]
             h = h + proj(attn.o_proj, o, i, "o_proj")
             x = layer.post_attention_layernorm(h)
-            gated = mlp.act_fn(proj(mlp.gate_proj, x, i, "gate_proj")) * proj(mlp.up_proj, x, i, "up_proj")
+            gate, up = group(x, i, (mlp.gate_proj, mlp.up_proj), GATE_UP)
+            gated = mlp.act_fn(gate) * up
             h = h + proj(mlp.down_proj, gated, i, "down_proj")
         return self.hf_model.model.norm(h)
 

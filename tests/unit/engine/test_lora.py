@@ -186,3 +186,31 @@ def test_padded_layout_gathers_the_slots_when_few_are_in_use():
     pool = LoRAPool(8, 4, 1, {"q_proj": (8, 12)}, torch.float32, "cpu")
     assert pool.prepare(LoRABatch([(0, 1, 5), (1, 2, 3)]), "cpu").slots.tolist() == [5, 3]
     assert pool.prepare(LoRABatch([(s, s + 1, s) for s in range(4)]), "cpu").slots is None  # 4 of 8: in place
+
+
+@pytest.mark.parametrize("segments", [[(0, 2, 1), (2, 5, 0), (5, 6, 2)], [(0, 40, 0), (40, 41, 2), (41, 42, 1)]])
+def test_grouped_projections_equal_one_at_a_time(segments):
+    """q/k/v share one stacked A matmul; each output must equal its own apply (and the naive reference)."""
+    from llmaas.deployments.engine.lora import AdapterWeights, LoRABatch, LoRAPool
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"q_proj": (8, 12), "k_proj": (8, 4), "v_proj": (8, 4)}
+    pool = LoRAPool(3, 4, 2, shapes, torch.float32, "cpu")
+    assert ("q_proj", "k_proj", "v_proj") in pool.a_groups
+    for slot, rank in enumerate((4, 2, 3)):
+        weights = {(layer, m): (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
+                   for layer in range(2) for m, (i, o) in shapes.items()}
+        pool.write(slot, AdapterWeights(f"a{slot}", rank, 0.5 + slot, weights))
+    rows = max(end for _, end, _ in segments) + 1
+    x = torch.randn(rows, 8, generator=g)
+    ys = [torch.randn(rows, o, generator=g) for _, o in shapes.values()]
+    expected = [y.clone() for y in ys]
+    for y, m in zip(expected, shapes):
+        for start, end, slot in segments:
+            for r in range(start, end):
+                y[r] += pool.scale[slot] * (pool.b[m][1, slot] @ (pool.a[m][1, slot] @ x[r]))
+    batch = pool.prepare(LoRABatch(segments), "cpu")
+    got = [y.clone() for y in ys]
+    pool.apply_group(got, x, 1, ("q_proj", "k_proj", "v_proj"), batch)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
