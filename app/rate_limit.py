@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,11 +56,6 @@ class RateLimiter:
         self.settings = settings
         self.clock = clock
         self._buckets: dict[str | None, _Bucket] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.settings.requests_per_minute is not None or any(
-            v is not None for v in self.settings.tenants.values())
 
     def acquire(self, tenant: str | None) -> Budget | None:
         """Spends one request of ``tenant``'s budget; raises RateLimited when none is left. None: unlimited."""

@@ -91,31 +91,27 @@ def test_client_hanging_up_on_a_non_streaming_request_frees_the_engine(long_app)
 
 def test_in_flight_streams_finish_through_scale_down_and_shutdown(long_app):
     cfg, url = long_app
-    deleted = False
-    try:
-        with cf.ThreadPoolExecutor(6) as pool:
-            started = [threading.Event() for _ in range(6)]
-            futures = [pool.submit(_stream, url, ev) for ev in started]
-            assert all(ev.wait(60) for ev in started)
-            busy = _busy_replicas("drain-app")
-            assert busy
-            serve.run(_app(cfg, 1), name="drain-app", route_prefix="/drain")  # scale 2 -> 1 (replicas replaced)
-            _assert_completed([f.result(timeout=120) for f in futures])
-        deadline = time.monotonic() + 60
-        while len(serve.status().applications["drain-app"].deployments["LLMServer"].replica_states) != 1 or \
-                serve.status().applications["drain-app"].deployments["LLMServer"].replica_states.get("RUNNING") != 1:
-            assert time.monotonic() < deadline, serve.status().applications["drain-app"].deployments["LLMServer"]
-            time.sleep(0.5)
-        survivor = {serve.get_deployment_handle("LLMServer", app_name="drain-app").stats.remote().result()["replica"]}
-        assert busy - survivor, (busy, survivor)  # a replica holding in-flight streams was stopped under them
+    with cf.ThreadPoolExecutor(6) as pool:
+        started = [threading.Event() for _ in range(6)]
+        futures = [pool.submit(_stream, url, ev) for ev in started]
+        assert all(ev.wait(60) for ev in started)
+        busy = _busy_replicas("drain-app")
+        assert busy
+        serve.run(_app(cfg, 1), name="drain-app", route_prefix="/drain")  # scale 2 -> 1 (replicas replaced)
+        _assert_completed([f.result(timeout=120) for f in futures])
+    def model_replicas() -> dict:
+        return dict(serve.status().applications["drain-app"].deployments["LLMServer"].replica_states)
 
-        with cf.ThreadPoolExecutor(3) as pool:  # shutdown: delete the app under load
-            started = [threading.Event() for _ in range(3)]
-            futures = [pool.submit(_stream, url, ev) for ev in started]
-            assert all(ev.wait(60) for ev in started)
-            serve.delete("drain-app", _blocking=False)
-            deleted = True
-            _assert_completed([f.result(timeout=120) for f in futures])
-    finally:
-        if not deleted:
-            serve.delete("drain-app")
+    deadline = time.monotonic() + 60
+    while model_replicas() != {"RUNNING": 1}:  # the old replicas are gone, one new one runs
+        assert time.monotonic() < deadline, model_replicas()
+        time.sleep(0.5)
+    survivor = {serve.get_deployment_handle("LLMServer", app_name="drain-app").stats.remote().result()["replica"]}
+    assert busy - survivor, (busy, survivor)  # a replica holding in-flight streams was stopped under them
+
+    with cf.ThreadPoolExecutor(3) as pool:  # shutdown: delete the app under load
+        started = [threading.Event() for _ in range(3)]
+        futures = [pool.submit(_stream, url, ev) for ev in started]
+        assert all(ev.wait(60) for ev in started)
+        serve.delete("drain-app", _blocking=False)
+        _assert_completed([f.result(timeout=120) for f in futures])
