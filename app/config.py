@@ -8,8 +8,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.auth import AuthSettings
+from llmaas.app.protocol import MAX_N
+from llmaas.app.serving import RequestLimits
 from llmaas.app.rate_limit import RateLimitSettings
 from llmaas.deployments.engine import EngineConfig
+from llmaas.training.config import JobResources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +53,10 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of free GPU memory for KV cache.")
     max_loras: int = Field(8, ge=0, description="Adapters resident per replica (distinct adapters per batch).")
     max_lora_rank: int = Field(16, ge=1, le=256, description="Largest adapter rank accepted.")
+    prefix_cache_scope: Literal["tenant", "global"] | None = Field(
+        None, description="'tenant': prompts share cached KV blocks only within a tenant, so no tenant can time "
+                          "another's prompts through cache hits; 'global': across tenants (more hits). Default: "
+                          "tenant when API keys are configured, else global.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 
@@ -102,5 +109,18 @@ class AppConfig(BaseModel):
     request_timeout_s: float | None = Field(
         600.0, gt=0, description="End-to-end limit per HTTP request, admission to last token (408 / in-band error "
                                  "after it; the engine request is aborted); null = none.")
-    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_n: int = Field(8, ge=1, le=MAX_N, description="Largest `n` (choices per request) accepted.")
+    max_choices: int | None = Field(
+        None, ge=1, description="Most choices one request may ask for, prompts x n (a list of prompts fans out); "
+                                "default: max_n.")
+    max_jobs_per_tenant: int = Field(
+        2, ge=1, description="Fine-tuning jobs one tenant may have queued or running at once (429 above).")
+    finetuning: JobResources = Field(
+        default_factory=JobResources,
+        description="Cluster resources of every fine-tuning job submitted over the API (workers, CPUs/GPUs per "
+                    "worker, retries, how long to wait for resources); tenants cannot set these.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_n=self.max_n, max_choices=self.max_choices or self.max_n,
+                             max_stop_sequences=self.max_stop_sequences, max_messages=self.max_messages)

@@ -28,7 +28,7 @@ class FileStore:
         self.root = Path(storage_root).resolve() / "files"
 
     def _path(self, file_id: str, suffix: str) -> Path:
-        if not file_id.startswith("file-") or not file_id[5:].isalnum():
+        if not file_id.startswith("file-") or not file_id[5:].isalnum() or len(file_id) > 64:
             raise NotFound(f"file {file_id!r} not found", param="file_id")
         return inside(self.root, file_id + suffix)
 

@@ -6,6 +6,7 @@ left 'queued'/'running' by a previous life and marks it failed, so none is ever 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmaas.app.errors import InvalidRequest, NotFound
 from llmaas.app.registry import BaseModelInfo
 from llmaas.app.registry_service import actor_name, get_registry_service
-from llmaas.training.config import FineTuneJob
+from llmaas.training.config import FineTuneJob, JobResources
+from llmaas.training.jobs import cancel_job
 from llmaas.training.store import TERMINAL, JobRecord, JobStore
 
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier scales this
@@ -40,7 +42,8 @@ class FineTuningJobRequest(BaseModel):
     seed: int | None = None
     metadata: dict[str, str] | None = None
     llmaas: dict[str, Any] | None = Field(
-        None, description="Extension: any FineTuneJob field (lora, eval with thresholds, num_workers, ...).")
+        None, description="Extension: FineTuneJob fields (lora, eval with thresholds, max_length, ...); cluster "
+                          "resources are the operator's (serve_config.yaml args.finetuning).")
 
 
 class JobErrorInfo(BaseModel):
@@ -81,14 +84,14 @@ def job_object(record: JobRecord) -> FineTuningJobObject:
         hyperparameters={"n_epochs": j["epochs"], "batch_size": j["batch_size"],
                          "learning_rate_multiplier": j["learning_rate"] / BASE_LEARNING_RATE},
         seed=j["seed"],
-        error=JobErrorInfo(code="job_failed", message=record.error) if record.error else None,
+        error=JobErrorInfo(code=record.error_code or "job_failed", message=record.error) if record.error else None,
         metadata=api.get("metadata"), metrics=record.metrics, metrics_before=record.metrics_before,
         eval_passed=record.eval_passed)
 
 
 def build_job(req: FineTuningJobRequest, base_path: str, storage_root: Path, train_path: Path,
-              val_path: Path | None, default_name: str) -> FineTuneJob:
-    """OpenAI request -> FineTuneJob; any invalid field is a 400 naming it."""
+              val_path: Path | None, default_name: str, resources: JobResources) -> FineTuneJob:
+    """OpenAI request -> FineTuneJob with the operator's ``resources``; any invalid field is a 400 naming it."""
     from pydantic import ValidationError
 
     hp = req.hyperparameters or Hyperparameters()
@@ -108,7 +111,12 @@ def build_job(req: FineTuningJobRequest, base_path: str, storage_root: Path, tra
     for key in ("base_model", "train_files", "validation_file", "storage_root", "cache_dir"):
         if key in overrides:
             raise InvalidRequest(f"llmaas.{key} cannot be set over the API", param=f"llmaas.{key}")
+    for key in JobResources.model_fields:
+        if key in overrides:
+            raise InvalidRequest(f"llmaas.{key} is the operator's to set (serve_config.yaml args.finetuning)",
+                                 param=f"llmaas.{key}")
     raw.update(overrides)
+    raw.update(resources.model_dump())
     try:
         return FineTuneJob.model_validate(raw)
     except ValidationError as exc:
@@ -163,17 +171,11 @@ class JobRunner:
         self.refs[record.id] = task.remote(job.model_dump_json(), record.id, on_success)
         return record
 
-    def cancel(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
-        if record is None:
+    async def cancel(self, job_id: str) -> JobRecord:
+        if self.store.get(job_id) is None:
             raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
-        if record.status in TERMINAL:
-            return record
-        ref = self.refs.pop(job_id, None)
-        if ref is not None:
-            ray.cancel(ref, force=True)  # the trainer's controller and workers are owned by it and go too
-        self.store.add_event(job_id, "status", "job cancelled")
-        return self.store.update(job_id, status="cancelled")
+        # a thread: the graceful stop waits for the task, and the runner keeps answering meanwhile
+        return await asyncio.to_thread(cancel_job, self.store, job_id, self.refs.pop(job_id, None))
 
     def running(self) -> list[str]:
         ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=0) if self.refs else ([], [])

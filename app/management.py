@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmaas.app.errors import InvalidRequest, NotFound
+from llmaas.app.errors import InvalidRequest, NotFound, RateLimited
 from llmaas.app.files import FileObject, FileStore
 from llmaas.app.finetuning import (
     FineTuningJobObject,
@@ -18,9 +18,10 @@ from llmaas.app.finetuning import (
     get_job_runner,
     job_object,
 )
-from llmaas.app.registry import BaseModelInfo, RegistryState, parse_model_id
+from llmaas.app.registry import BaseModelInfo, RegistryState, check_owner, parse_model_id, validate_name
 from llmaas.app.registry_service import get_registry_service
-from llmaas.training.store import JobRecord, JobStore, new_job_id
+from llmaas.training.config import JobResources
+from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
 
 
 class RegisterAdapterRequest(BaseModel):
@@ -39,12 +40,15 @@ class PromoteRequest(BaseModel):
 
 class Management:
     def __init__(self, storage_root: Path, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
-                 max_upload_bytes: int) -> None:
+                 max_upload_bytes: int, job_resources: JobResources | None = None, max_jobs_per_tenant: int = 2
+                 ) -> None:
         self.storage_root = Path(storage_root)
         self.base_path = base_path
         self.base_info = base_info
         self.base_names = base_names
         self.max_upload_bytes = max_upload_bytes
+        self.job_resources = job_resources or JobResources()
+        self.max_jobs_per_tenant = max_jobs_per_tenant
         self.files = FileStore(storage_root)
         self.jobs = JobStore(storage_root)
         self.registry = get_registry_service(storage_root)
@@ -62,7 +66,16 @@ class Management:
         train = self.files.data_path(req.training_file, owner)
         val = self.files.data_path(req.validation_file, owner) if req.validation_file else None
         job_id = new_job_id()
-        job = build_job(req, self.base_path, self.storage_root, train, val, default_name=f"ft-{job_id[6:14]}")
+        job = build_job(req, self.base_path, self.storage_root, train, val, default_name=f"ft-{job_id[6:14]}",
+                        resources=self.job_resources)
+        # the adapter name is checked now, not after an hour of training: valid, and the tenant's to publish to
+        validate_name(job.name, param="suffix")
+        check_owner(await self.registry.snapshot.remote(), job.name, owner, param="suffix")
+        active = [r for r in self.jobs.list() if r.owner == owner and r.status not in TERMINAL]
+        if len(active) >= self.max_jobs_per_tenant:  # fine-tuning cannot take the cluster
+            raise RateLimited(f"{len(active)} fine-tuning jobs are already queued or running (at most "
+                              f"{self.max_jobs_per_tenant} at once); retry when one finishes", retry_after_s=60.0,
+                              param="model", code="too_many_jobs")
         record = JobRecord(id=job_id, job=job.model_dump(mode="json"), owner=owner,
                            api={"model": req.model, "training_file": req.training_file,
                                 "validation_file": req.validation_file, "metadata": req.metadata})

@@ -18,6 +18,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # immutable version id ('sentiment@3'); None runs the base model
+    cache_salt: str | None = None  # prefix-cache partition (the tenant, when the cache is scoped per tenant)
 
 
 @dataclass(frozen=True, slots=True)

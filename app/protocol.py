@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from llmaas.deployments.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS
+
+# Bounds of the API's numbers: the engine's limits (one place, imported) plus the API's own, so every value is
+# checked before any model time and nothing a client sends can overflow a tensor or a generator.
+MIN_SEED = -(1 << 63)  # an int64, as OpenAI's seed; seed + choice index then stays within the engine's range
+MAX_STOP_CHARS = 256  # per stop string
+MAX_N = 128  # hard ceiling; the operator's max_n / max_choices are usually far lower
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 def new_id(prefix: str) -> str:
@@ -27,15 +36,17 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="'base', the served model name, or (later) an adapter name.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, description="Extension: sample among the k likeliest tokens.")
-    n: int = Field(1, ge=1, description="Choices to generate.")
+    top_k: int | None = Field(None, ge=1, le=MAX_INT64, description="Extension: sample among the k likeliest tokens.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
-    seed: int | None = Field(None, description="Makes sampling reproducible for this request.")
+    stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | \
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
+            None, description="Up to 4 strings that end the completion.")
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_INT64, description="Makes sampling reproducible.")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from every generated token.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted per occurrence in the output.")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="Extension (HF/vLLM): >1 discourages any "
@@ -70,7 +81,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Newer name for max_tokens.")
     logprobs: StrictBool = Field(False, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Also the likeliest alternatives (needs logprobs).")
 
@@ -88,8 +99,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text or token ids.")
-    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI default 16).")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(description="Text or token ids.")
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS, description="Most tokens to generate (OpenAI default 16).")
     echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the output and this many "
                                                               "alternatives per token.")

@@ -82,10 +82,10 @@ def parse_model_id(model: str) -> tuple[str, int | None]:
     return name, None
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, param: str = "name") -> str:
     if not NAME_RE.match(name) or name in RESERVED:
         raise InvalidRequest(f"adapter name {name!r} is invalid: use [a-z0-9][a-z0-9-_.]{{0,63}}, not 'base'",
-                             param="name")
+                             param=param)
     return name
 
 
@@ -109,6 +109,14 @@ def check_adapter(src: Path, base: BaseModelInfo) -> int:
             raise InvalidRequest("adapter rejected: its metadata names a different base model fingerprint",
                                  param="path", code="base_model_mismatch")
     return adapter.rank
+
+
+def check_owner(state: RegistryState, name: str, owner: str | None, param: str = "name") -> None:
+    """A tenant (``owner``) may add versions only to names it owns or new ones, never to another tenant's or a
+    shared name (whose alias a promotion would move for everyone). ``owner`` None is the operator: any name."""
+    entry = state.adapters.get(name)
+    if owner is not None and entry is not None and entry.owner != owner:
+        raise NotFound(f"model {name!r} not found", param=param, code="model_not_found")  # names do not leak
 
 
 class Registry:
@@ -156,9 +164,8 @@ class Registry:
                 shutil.copyfile(src / f, staging / f)  # copies content: a symlink in src cannot leak out
             (staging / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
             with self._edit() as state:
+                check_owner(state, name, owner)
                 entry = state.adapters.get(name) or AdapterEntry(name=name, owner=owner)
-                if entry.owner is not None and owner is not None and entry.owner != owner:
-                    raise NotFound(f"model {name!r} not found", param="name", code="model_not_found")
                 version = entry.next_version
                 target = self.adapter_dir(name, version)
                 target.parent.mkdir(parents=True, exist_ok=True)

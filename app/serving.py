@@ -61,6 +61,7 @@ class PreparedChoice:
     prompt: TokenizedPrompt
     params: SamplingParams
     adapter: str | None  # immutable adapter version id, resolved at admission
+    cache_salt: str | None = None  # prefix-cache partition (the tenant, when the cache is scoped per tenant)
 
 
 @dataclass(slots=True)
@@ -77,32 +78,45 @@ class Observer(Protocol):
                   completion_tokens: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The operator's per-request limits, checked here so HTTP and the handle API enforce the same ones."""
+
+    max_n: int = 8  # choices per request
+    max_choices: int = 8  # prompts x n: the fan-out one request may cause
+    max_stop_sequences: int = 4
+    max_messages: int = 256
+
+
 class OpenAIServing:
-    def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, max_n: int,
-                 max_stop_sequences: int, cache: ResponseCache | None = None,
-                 observer: Observer | None = None) -> None:
+    def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, limits: RequestLimits,
+                 cache: ResponseCache | None = None, observer: Observer | None = None,
+                 prefix_cache_per_tenant: bool = False) -> None:
         self.backend = backend
         self.decoder = decoder
         self.catalog = catalog
-        self.max_n = max_n
-        self.max_stop_sequences = max_stop_sequences
+        self.limits = limits
         self.cache = cache or ResponseCache(0)
         self.observer = observer
+        self.prefix_cache_per_tenant = prefix_cache_per_tenant
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
 
     # ----- preparation: everything that can fail with a 4xx happens before any token -----
-    def _check_common(self, req: ChatCompletionRequest | CompletionRequest,
-                      tenant: str | None) -> tuple[list[str], str | None]:
+    def _check_common(self, req: ChatCompletionRequest | CompletionRequest, tenant: str | None,
+                      num_prompts: int = 1) -> tuple[list[str], str | None]:
         """Returns (stop strings, adapter version). The version is resolved once, here, for the whole request."""
-        adapter = self.catalog.resolve(req.model, tenant)
-        if req.n > self.max_n:
-            raise InvalidRequest(f"n must be <= {self.max_n}, got {req.n}", param="n")
+        limits = self.limits
+        if req.n > limits.max_n:
+            raise InvalidRequest(f"n must be <= {limits.max_n}, got {req.n}", param="n")
+        if num_prompts * req.n > limits.max_choices:
+            raise InvalidRequest(f"{num_prompts} prompt(s) x n={req.n} asks for {num_prompts * req.n} choices; at "
+                                 f"most {limits.max_choices} per request", param="n" if req.n > 1 else "prompt")
         stops = req.stop_list()
-        if len(stops) > self.max_stop_sequences:
-            raise InvalidRequest(f"at most {self.max_stop_sequences} stop sequences are allowed", param="stop")
-        return stops, adapter
+        if len(stops) > limits.max_stop_sequences:
+            raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+        return stops, self.catalog.resolve(req.model, tenant)
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, prompt: TokenizedPrompt,
                 index: int) -> SamplingParams:
@@ -114,21 +128,29 @@ class OpenAIServing:
                               repetition_penalty=req.repetition_penalty)
 
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
+        if len(req.messages) > self.limits.max_messages:
+            raise InvalidRequest(f"at most {self.limits.max_messages} messages are allowed", param="messages")
         stops, adapter = self._check_common(req, tenant)
         prompt = await self.backend.encode_chat(req.messages, req.token_limit())
-        return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter) for i in range(req.n)],
-                        stops, adapter or req.model)
+        salt = self._salt(tenant)
+        return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt)
+                         for i in range(req.n)], stops, adapter or req.model)
 
     async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
-        stops, adapter = self._check_common(req, tenant)
+        texts = req.prompts()
+        stops, adapter = self._check_common(req, tenant, num_prompts=len(texts))
         if req.echo:
             raise InvalidRequest("echo is not supported", param="echo")
-        prompts = await asyncio.gather(*(self.backend.encode_prompt(p, req.token_limit()) for p in req.prompts()))
+        prompts = await asyncio.gather(*(self.backend.encode_prompt(p, req.token_limit()) for p in texts))
         choices = []
         for prompt in prompts:
             for _ in range(req.n):
-                choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter))
+                choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter,
+                                              self._salt(tenant)))
         return Prepared(choices, stops, adapter or req.model)
+
+    def _salt(self, tenant: str | None) -> str | None:
+        return tenant if self.prefix_cache_per_tenant else None
 
     # ----- generation -----
     async def _run_choice(self, request_id: str, choice: PreparedChoice, stops: list[str]) -> AsyncIterator[ChoiceEvent]:
@@ -139,7 +161,7 @@ class OpenAIServing:
         started, first_token = time.perf_counter(), None
         pending: list[TokenLogprob] = []
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
-                                                       choice.params, choice.adapter))
+                                                       choice.params, choice.adapter, choice.cache_salt))
         try:
             async for delta in stream:
                 if first_token is None:

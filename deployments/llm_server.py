@@ -91,14 +91,14 @@ class LLMServer:
             if request.adapter is not None:
                 await self.get_adapter(request.adapter)
             stream = self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
-                                          request.adapter)
+                                          request.adapter, request.cache_salt)
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORT:
                     return
                 reason = out.finish_reason.value if out.finish_reason else None
                 yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs)
-        except InvalidRequestError as exc:
-            raise InvalidRequest(str(exc), param="prompt") from None
+        except InvalidRequestError as exc:  # the request's own data, also a fault inside a step: 400 (in-band)
+            raise InvalidRequest(str(exc), param=exc.param) from None
         except EngineDeadError as exc:
             raise ServiceUnavailable(str(exc)) from None
 

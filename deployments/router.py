@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -50,11 +50,58 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """pydantic's error location as OpenAI's ``param``: field names and indexes, without the tags pydantic
+    adds for union members ('str', 'list[int]', 'constrained-str')."""
+    parts = [str(p) for p in loc if p != "body" and not _is_type_tag(p)]
     return ".".join(parts) or None
 
 
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
+
+
 OPEN_PATHS = {"/health"}  # the only route that answers without a key when keys are configured
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive``: FastAPI re-raises its HTTPException met while reading a body (others become 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body exceeds {limit} bytes")
+
+
+class _BodyCap:
+    """Counts the body bytes actually read, chunked or not, and stops at the cap with a 413.
+
+    The gate middleware's Content-Length check refuses a declared size unread; this covers what a header
+    does not declare (Transfer-Encoding: chunked) or understates: nothing past the cap is ever buffered.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        gate: _Gate | None = getattr(scope["app"].state, "gate", None) if "app" in scope else None
+        if scope["type"] != "http" or gate is None:
+            return await self.app(scope, receive, send)
+        limit = gate.body_limit(scope["path"])
+        read = 0
+
+        async def capped():
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, capped, send)
+
+
+# Added before the gate below, so it sits inside it, next to the routes: its 413 is raised straight into the
+# body read (from outside, the gate's task group would wrap it and FastAPI would answer 400).
+api.add_middleware(_BodyCap)
 
 
 @api.middleware("http")
@@ -76,7 +123,7 @@ async def _gate_requests(request: Request, call_next):
             request.state.principal = gate.auth.authenticate(request.headers.get("authorization"))
             budget = gate.limiter.acquire(request.state.principal.tenant)
         length = request.headers.get("content-length")
-        limit = gate.max_upload_bytes + 65536 if path == "/v1/files" else gate.max_body_bytes
+        limit = gate.body_limit(path)
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="body_too_large")
     except APIError as exc:
@@ -127,7 +174,7 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    return _error(exc.status_code, str(exc.detail), type_)
+    return _error(exc.status_code, str(exc.detail), type_, code="body_too_large" if exc.status_code == 413 else None)
 
 
 @api.exception_handler(Exception)
@@ -170,6 +217,10 @@ class _Gate:
         self.metrics = metrics
         self.cache = cache
 
+    def body_limit(self, path: str) -> int:
+        """Bytes a request body may have: uploads get their file cap plus room for the multipart framing."""
+        return self.max_upload_bytes + 65536 if path.endswith("/v1/files") else self.max_body_bytes
+
 
 def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
     if isinstance(request, model):
@@ -193,18 +244,20 @@ class Router:
         self.llm = llm
         self.manage = Management(config.storage_root, model.path,
                                  base_model_info(model.path, config.engine.max_lora_rank),
-                                 (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)))
+                                 (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)),
+                                 config.finetuning, config.max_jobs_per_tenant)
         self.catalog = ModelCatalog(model.served_name, model.max_model_len,
                                     ray.get(self.manage.registry.snapshot.remote()))
         self.metrics = RouterMetrics()
         cache = ResponseCache(config.response_cache_size)
-        self.serving = OpenAIServing(HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
-                                     self.catalog, config.max_n, config.max_stop_sequences, cache, self.metrics)
-        self._watcher: asyncio.Task | None = None
         auth = Authenticator(config.auth.load_keys())
+        scope = config.engine.prefix_cache_scope or ("tenant" if auth.enabled else "global")
+        self.serving = OpenAIServing(HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
+                                     self.catalog, config.request_limits(), cache, self.metrics,
+                                     prefix_cache_per_tenant=scope == "tenant")
+        self._watcher: asyncio.Task | None = None
         api.state.gate = _Gate(auth, RateLimiter(config.rate_limits), int(config.max_body_mb * (1 << 20)),
                                self.manage.max_upload_bytes, self.metrics, cache)
-        self.max_messages = config.max_messages
         self.timeout_s = config.request_timeout_s
         if not auth.enabled:
             logger.warning("llmaas: no API keys configured, every request is accepted; keep the HTTP proxy on "
@@ -227,8 +280,9 @@ class Router:
         self._watcher = asyncio.get_running_loop().create_task(loop())
 
     def _set_state(self, state: RegistryState) -> None:
-        if state.generation >= self.catalog.state.generation:
-            self.catalog.state = state
+        # The registry actor is the one writer: take what it says, also a generation that went backwards (a
+        # restored registry file), which the long poll would otherwise return at once, forever.
+        self.catalog.state = state
 
     # ----- HTTP: inference -----
     @api.get("/health")
@@ -240,15 +294,10 @@ class Router:
         await self._watch()
         return self.serving.models(who.tenant)
 
-    def _check_messages(self, request: ChatCompletionRequest) -> None:
-        if len(request.messages) > self.max_messages:
-            raise InvalidRequest(f"at most {self.max_messages} messages are allowed", param="messages")
-
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest, who: Principal = Depends(principal)):
         deadline = Deadline.start(self.timeout_s)
         await self._watch()
-        self._check_messages(request)
         if request.stream:  # 4xx before the stream opens; a timeout after it is reported in-band
             prepared = await deadline.run(self.serving.prepare_chat(request, who.tenant))
             return _sse(deadline.stream(self.serving.chat_stream(request, prepared)))

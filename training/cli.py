@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     job = FineTuneJob.model_validate(raw)
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     job_id = new_job_id()
-    print(f"job {job_id}: fine-tuning '{job.name}' on {job.base_model} with {job.num_workers} worker(s)")
+    print(f"job {job_id}: fine-tuning '{job.name}' on {job.base_model} with {job.num_workers or 'auto'} worker(s)")
     record = run_job(job, job_id)
     store = JobStore(job.storage_root)
     curve = plot_loss(store.events(job_id), store.dir(job_id) / "loss.png")

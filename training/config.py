@@ -34,10 +34,28 @@ class EvalSettings(BaseModel):
         default_factory=dict, description="Promotion gate, e.g. {accuracy: 0.8} (loss/perplexity: at most).")
 
 
-class FineTuneJob(BaseModel):
-    """One LoRA fine-tuning job (CLI yaml, HTTP body or Python)."""
+class JobResources(BaseModel):
+    """What a job takes from the cluster. Over the HTTP API these are the operator's (serve_config.yaml
+    ``finetuning``), never the tenant's; in a job.yaml or from Python they are the caller's."""
 
     model_config = ConfigDict(extra="forbid")
+
+    num_workers: int | None = Field(
+        None, ge=1, description="Ray Train workers (DDP); unset: 2 (one per free GPU with use_gpu).")
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per worker; unset: an equal share of the CPUs free when the job starts, "
+                                "at most 1, so a job fits beside serving on a small node.")
+    resource_wait_s: float = Field(
+        600.0, gt=0, description="How long a job waits for its workers' resources before it fails "
+                                 "(resources_unavailable).")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="SPREAD puts the workers on different nodes when it can.")
+    max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+
+
+class FineTuneJob(JobResources):
+    """One LoRA fine-tuning job (CLI yaml, HTTP body or Python)."""
 
     name: str = Field(description="Adapter name the result is registered under, e.g. 'sentiment'.")
     base_model: str = Field("default", description="'default' (the served SmolLM2) or a checkpoint directory.")
@@ -56,13 +74,7 @@ class FineTuneJob(BaseModel):
     batch_size: int = Field(8, ge=1, description="Rows per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seed: int = Field(0)
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP).")
-    use_gpu: bool = Field(False)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD"] = Field(
-        "PACK", description="SPREAD puts the workers on different nodes when it can.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every K optimizer steps.")
-    max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     storage_root: Path = Field(Path.home() / ".cache" / "llmaas" / "storage",
                                description="Where checkpoints, adapters and job records are written.")
     eval: EvalSettings = Field(default_factory=EvalSettings)

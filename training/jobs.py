@@ -24,13 +24,19 @@ from typing import Any
 from llmaas.training.checkpoint import publish_dir
 from llmaas.training.config import FineTuneJob
 from llmaas.training.data import DataError, files_hash, read_jsonl, split, tokenize_rows
+from llmaas.training.resources import ResourcesUnavailable, WorkerPlan, free_resources, plan_workers, reserve
 from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
 
 OnSuccess = Callable[[JobRecord], JobRecord]
+CANCEL_GRACE_S = 30.0  # a graceful cancel (Train aborts its controller) took ~2 s on a 2-core box
+CONTROLLER_RETRIES = 2  # Ray Train worker-group start failures tolerated (each waits up to 60 s)
 
 
 class JobError(RuntimeError):
     pass
+
+
+ERROR_CODES = {DataError: "invalid_training_file", ResourcesUnavailable: "resources_unavailable"}
 
 
 def prepare_data(job: FineTuneJob, tokenizer):
@@ -68,14 +74,20 @@ def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) 
     store.add_event(job_id, "status", "job started")
     try:
         record = _run(job, job_id, store)
+        if store.get(job_id).cancel_requested:
+            return record  # cancelled while finishing: nothing is registered; the canceller records the end
         if on_success is not None:
             record = on_success(record)  # e.g. registration: the job only succeeds once it is done
         store.add_event(job_id, "status", f"job succeeded: {record.adapter_dir}")
         return store.update(job_id, status="succeeded")
     except Exception as exc:  # the record must say why, whatever failed
-        message = str(exc) if isinstance(exc, (DataError, JobError)) else f"{type(exc).__name__}: {exc}"
-        store.add_event(job_id, "error", message)
-        return store.update(job_id, status="failed", error=message)
+        if store.get(job_id).cancel_requested:
+            return store.get(job_id)  # the training run was aborted by a cancel: not a failure
+        message = str(exc) if isinstance(exc, (DataError, JobError, ResourcesUnavailable)) else \
+            f"{type(exc).__name__}: {exc}"
+        code = ERROR_CODES.get(type(exc), "job_failed")
+        store.add_event(job_id, "error", message, {"code": code})
+        return store.update(job_id, status="failed", error=message, error_code=code)
 
 
 def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
@@ -93,9 +105,16 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer's own bar is the one to read
     base = resolve_model(ModelSettings(source=job.base_model, cache_dir=job.cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(base.path)
+    free = free_resources()
+    plan = plan_workers(free["CPU"], free.get("GPU", 0.0), job.num_workers, job.cpus_per_worker, job.use_gpu)
+    job = job.model_copy(update={"num_workers": plan.num_workers, "cpus_per_worker": plan.cpus_per_worker})
+    store.update(job_id, job=json.loads(job.model_dump_json()))
+    _say(store, job_id, "resources", f"{plan.describe()} ({plan.reason})", _plan_data(plan))
     train, val, skipped = prepare_data(job, tokenizer)
     store.add_event(job_id, "data", f"{len(train)} train / {len(val)} validation rows, {skipped} skipped",
                     {"train": len(train), "validation": len(val), "skipped": skipped})
+    reserve(plan, job.placement_strategy, job.resource_wait_s,
+            on_wait=lambda message: _say(store, job_id, "resources", message))
     rows_per_worker = len(train) // job.num_workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size) // job.grad_accum)
     dataset = ray.data.from_items([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
@@ -106,11 +125,13 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
                            "pad_id": tokenizer.pad_token_id or 0, "steps_per_epoch": steps_per_epoch,
                            "events_path": str(store.events_path(job_id)),
                            "fault_marker": str(job_dir / "fault_injected")},
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.cpus_per_worker},
-                                     placement_strategy=job.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=job.use_gpu,
+                                     resources_per_worker=plan.bundle, placement_strategy=job.placement_strategy),
         run_config=RunConfig(name=job_id, storage_path=str(Path(job.storage_root).resolve() / "ray_runs"),
-                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             # a worker group that cannot start (its resources taken since reserve()) is retried
+                             # a few times, not forever as Ray Train's default would
+                             failure_config=FailureConfig(max_failures=job.max_failures,
+                                                          controller_failure_limit=CONTROLLER_RETRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
     )
@@ -150,6 +171,17 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
                         trained_tokens=state["tokens_seen"])
 
 
+def _say(store: JobStore, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    """An event in the job's record, also printed: `llmaas finetune` shows it, a Ray task logs it."""
+    store.add_event(job_id, kind, message, data)
+    print(f"[{job_id}] {message}", flush=True)
+
+
+def _plan_data(plan: WorkerPlan) -> dict[str, Any]:
+    return {"num_workers": plan.num_workers, "cpus_per_worker": plan.cpus_per_worker,
+            "gpus_per_worker": plan.gpus_per_worker}
+
+
 class JobHandle:
     """A submitted job: poll, wait, cancel."""
 
@@ -173,14 +205,33 @@ class JobHandle:
         return self.status()
 
     def cancel(self) -> JobRecord:
-        import ray
+        return cancel_job(self._store, self.id, self._ref)
 
-        record = self.status()
-        if record.status in TERMINAL:
-            return record
-        ray.cancel(self._ref, force=True)  # the trainer's actors are owned by this task and die with it
-        self._store.add_event(self.id, "status", "job cancelled")
-        return self._store.update(self.id, status="cancelled")
+
+def cancel_job(store: JobStore, job_id: str, ref: Any | None) -> JobRecord:
+    """Stops a job's Ray task (``ref``) and records it cancelled: the one cancel path (Python and API).
+
+    First a graceful cancel: Ray raises KeyboardInterrupt in the task, Ray Train's SIGINT handler aborts
+    its controller, and the controller stops the workers and removes their placement group. A force kill
+    would leave that placement group (and its CPUs) held: Train's detached cleaner watches the controller
+    through the state API, which a cluster without the dashboard does not have. Only a task that ignores
+    the graceful cancel for CANCEL_GRACE_S is killed.
+    """
+    import ray
+
+    record = store.get(job_id)
+    if record is None:
+        raise KeyError(job_id)
+    if record.status in TERMINAL:
+        return record
+    store.update(job_id, cancel_requested=True)  # run_job publishes nothing from here on
+    if ref is not None:
+        ray.cancel(ref, force=False)
+        if not ray.wait([ref], timeout=CANCEL_GRACE_S)[0]:
+            ray.cancel(ref, force=True)
+            ray.wait([ref], timeout=CANCEL_GRACE_S)
+    store.add_event(job_id, "status", "job cancelled")
+    return store.update(job_id, status="cancelled")
 
 
 def submit(job: FineTuneJob | dict[str, Any], on_success: OnSuccess | None = None) -> JobHandle:

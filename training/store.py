@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from llmaas.app.storage import atomic_write
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = ("succeeded", "failed", "cancelled")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
 
 class JobRecord(BaseModel):
@@ -28,6 +30,7 @@ class JobRecord(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     finished_at: int | None = None
     error: str | None = None
+    error_code: str | None = None  # e.g. resources_unavailable, invalid_training_file, job_failed
     adapter_dir: str | None = None
     fine_tuned_model: str | None = None  # the registered version id, once registered
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -35,6 +38,7 @@ class JobRecord(BaseModel):
     eval_passed: bool | None = None
     trained_tokens: int | None = None
     owner: str | None = None  # tenant that submitted it
+    cancel_requested: bool = False  # set before the job's task is stopped; the task then publishes nothing
 
 
 def new_job_id() -> str:
@@ -46,7 +50,7 @@ class JobStore:
         self.root = Path(root) / "jobs"
 
     def dir(self, job_id: str) -> Path:
-        if "/" in job_id or job_id.startswith("."):
+        if not JOB_ID_RE.fullmatch(job_id):  # also keeps a path component under the OS's name limit
             raise ValueError(f"bad job id {job_id!r}")
         return self.root / job_id
 

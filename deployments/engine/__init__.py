@@ -7,7 +7,7 @@ asyncio front for servers). Importable without installing llmaas: relative impor
 """
 from .async_engine import AsyncLLMEngine, EngineDeadError
 from .config import EngineConfig
-from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
+from .llm_engine import InvalidRequestError, LLMEngine, RequestFailedError, StepOutput
 from .lora import AdapterError
 from .model import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 from .sampler import TokenLogprob
@@ -16,5 +16,6 @@ from .sequence import FinishReason
 
 __all__ = [
     "AdapterError", "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
-    "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "TokenLogprob", "UnsupportedModelError",
+    "RequestFailedError", "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "TokenLogprob",
+    "UnsupportedModelError",
 ]

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from .llm_engine import InvalidRequestError, LLMEngine, StepOutput
+from .llm_engine import InvalidRequestError, LLMEngine, RequestFailedError, StepOutput
 from .sampling_params import SamplingParams
 
 
@@ -38,7 +38,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._inbox_add: list[tuple[str, list[int], SamplingParams, str | None]] = []
+        self._inbox_add: list[tuple[str, list[int], SamplingParams, str | None, str | None]] = []
         self._inbox_abort: list[str] = []
         self._inbox_calls: list[tuple[Callable[[], Any], asyncio.Future]] = []
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
@@ -63,6 +63,8 @@ class AsyncLLMEngine:
         self._ensure_started()
         future = asyncio.get_running_loop().create_future()
         with self._lock:
+            if self.error is not None:  # the loop died after the check above: nobody would settle it
+                raise EngineDeadError(f"engine loop died: {self.error!r}")
             self._inbox_calls.append((fn, future))
         self._wake.set()
         return await future
@@ -83,17 +85,19 @@ class AsyncLLMEngine:
                 self._pending_removals.add(name)
         await self.call(remove)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, lora: str | None = None) -> AsyncIterator[StepOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       lora: str | None = None, cache_salt: str | None = None) -> AsyncIterator[StepOutput]:
         """Streams token deltas until the request finishes; closing the iterator aborts it."""
         self._ensure_started()
         self.engine.validate(request_id, prompt_token_ids, lora)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
         with self._lock:
-            self._inbox_add.append((request_id, list(prompt_token_ids), params, lora))
+            if self.error is not None:  # the loop died after the check above: nobody would answer
+                raise EngineDeadError(f"engine loop died: {self.error!r}")
+            self._streams[request_id] = queue
+            self._inbox_add.append((request_id, list(prompt_token_ids), params, lora, cache_salt))
         self._wake.set()
         finished = False
         try:
@@ -140,9 +144,13 @@ class AsyncLLMEngine:
         if queue is not None:
             queue.put_nowait(item)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, calls: list[tuple[Callable[[], Any], asyncio.Future]]) -> None:
+        """Every caller hears of the death at once: open streams and queued calls (adapter loads) alike."""
+        dead = EngineDeadError(f"engine loop died: {exc!r}")
         for queue in list(self._streams.values()):
-            queue.put_nowait(EngineDeadError(f"engine loop died: {exc!r}"))
+            queue.put_nowait(dead)
+        for _fn, future in calls:
+            _settle(future, None, dead)
 
     def _run_call(self, fn: Callable[[], Any], future: asyncio.Future) -> None:
         assert self._loop is not None
@@ -166,13 +174,14 @@ class AsyncLLMEngine:
                     self._run_call(fn, future)
                 for request_id in aborts:
                     self.engine.abort_request(request_id)
-                for request_id, prompt, params, lora in adds:
+                for request_id, prompt, params, lora, salt in adds:
                     if request_id in aborts:
                         continue
                     try:
-                        self.engine.add_request(request_id, prompt, params, lora)
-                    except InvalidRequestError as exc:  # raced a twin id: fail that stream, not the loop
-                        self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+                        self.engine.add_request(request_id, prompt, params, lora, salt)
+                    except Exception as exc:  # one request's data (or a raced twin id): that stream, not the loop
+                        failed = exc if isinstance(exc, InvalidRequestError) else RequestFailedError(str(exc))
+                        self._loop.call_soon_threadsafe(self._deliver, request_id, failed)
                 for name in list(self._pending_removals):
                     if self.engine.remove_lora(name):
                         self._pending_removals.discard(name)
@@ -180,10 +189,13 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     continue
                 for out in self.engine.step():
-                    self._loop.call_soon_threadsafe(self._deliver, out.request_id, out)
-        except BaseException as exc:  # the loop must never die silently: every stream gets the error
-            self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, exc)
+                    self._loop.call_soon_threadsafe(self._deliver, out.request_id,
+                                                    out if out.error is None else out.error)
+        except BaseException as exc:  # a fault of the shared step: loud, and every caller hears at once
+            with self._lock:
+                self.error = exc
+                calls, self._inbox_calls = self._inbox_calls, []
+            self._loop.call_soon_threadsafe(self._fail_all, exc, calls)
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -76,8 +76,9 @@ class BlockManager:
     # ----- prefix caching -----
     @staticmethod
     def _seed(seq: Sequence) -> int:
-        """Where a sequence's hash chain starts: the adapter's K/V differ, so its blocks never match the base's."""
-        return hash(("llmaas-prefix", seq.lora))
+        """Where a sequence's hash chain starts: the adapter's K/V differ, so its blocks never match the base's;
+        the salt keeps partitions apart (one tenant cannot time another's prompts through cache hits)."""
+        return hash(("llmaas-prefix", seq.lora, seq.cache_salt))
 
     def _chain(self, seq: Sequence, index: int, tokens: tuple[int, ...]) -> int:
         prev = seq.block_hashes[index - 1] if index else self._seed(seq)

@@ -6,6 +6,7 @@ batch between steps (iteration-level scheduling, Orca, Yu et al., 2022).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
 from .sampling_params import SamplingParams
 from .sampler import TokenLogprob
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
 
 
@@ -32,6 +33,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
+    error: RequestFailedError | None = None  # the request failed (finish_reason ABORT): raise this to its caller
 
     @property
     def finished(self) -> bool:
@@ -39,7 +41,17 @@ class StepOutput:
 
 
 class InvalidRequestError(ValueError):
-    pass
+    param: str | None = "prompt"  # the request field at fault, for the API's error
+
+
+class RequestFailedError(InvalidRequestError):
+    """One request's own data failed a per-request stage (admission, adapter load, sampling, postprocessing):
+    that request ends with this error; the step and every other request go on."""
+
+    param = None
+
+
+FaultHook = Callable[[str, str], None]  # (stage, request_id); may raise. Tests inject per-request faults here.
 
 
 class LLMEngine:
@@ -56,6 +68,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._adapters: dict[str, AdapterWeights] = {}  # registered adapters (host copies), by name
+        self.fault_hook: FaultHook | None = None  # test-only seam: called at each per-request stage
 
     @property
     def vocab_size(self) -> int:
@@ -104,11 +117,16 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    lora: str | None = None) -> None:
+                    lora: str | None = None, cache_salt: str | None = None) -> None:
         self.validate(request_id, prompt_token_ids, lora)
-        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), lora=lora)
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), lora=lora,
+                       cache_salt=cache_salt)
+        try:
+            self._check("admission", seq)
+            self.runner.add_generator(seq)
+        except Exception as exc:
+            raise _failed("admission", exc) from exc
         self._seqs[request_id] = seq
-        self.runner.add_generator(seq)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
@@ -131,15 +149,55 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[StepOutput]:
+        """schedule -> load adapters -> run -> postprocess. A fault of one request's stage fails that request
+        (its StepOutput carries the error); only a fault of the shared forward pass propagates."""
         batch = self.scheduler.schedule()
+        outputs = self._load_loras(batch)
         if not batch.seqs:
-            return []
-        for slot, name in batch.lora_loads:
-            self.runner.load_lora(slot, self._adapters[name])
-        sampled = self.runner.run(batch)
+            return outputs
+        sampled, failures = self.runner.run(batch, self._check)
         for seq in batch.seqs:
             self.block_manager.commit(seq)
-        return [self._postprocess(batch.seqs[row], token, lp) for row, (token, lp) in sampled.items()]
+        outputs += [self._fail(batch.seqs[row], "sampling", exc) for row, exc in failures.items()]
+        for row, (token, lp) in sampled.items():
+            seq = batch.seqs[row]
+            try:
+                self._check("postprocess", seq)
+                outputs.append(self._postprocess(seq, token, lp))
+            except Exception as exc:
+                outputs.append(self._fail(seq, "postprocess", exc))
+        return outputs
+
+    def _load_loras(self, batch: ScheduledBatch) -> list[StepOutput]:
+        """Writes newly scheduled adapters into their slots; an adapter that fails fails its requests only
+        (they leave the batch, their blocks and slot are freed)."""
+        failed: list[StepOutput] = []
+        for slot, name in batch.lora_loads:
+            users = [seq for seq in batch.seqs if seq.lora == name]
+            try:
+                for seq in users:
+                    self._check("adapter load", seq)
+                self.runner.load_lora(slot, self._adapters[name])
+            except Exception as exc:
+                failed += [self._fail(seq, "adapter load", exc) for seq in users]
+                self.scheduler.slots.evict(name)
+        if failed:
+            gone = {out.request_id for out in failed}
+            keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id not in gone]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
+        return failed
+
+    def _check(self, stage: str, seq: Sequence) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, seq.request_id)
+
+    def _fail(self, seq: Sequence, stage: str, exc: BaseException) -> StepOutput:
+        self.scheduler.abort(seq.request_id)  # frees its blocks and its adapter slot reference
+        seq.finish_reason = FinishReason.ABORT
+        self._forget(seq)
+        return StepOutput(seq.request_id, [], FinishReason.ABORT, seq.num_prompt_tokens, len(seq.output_token_ids),
+                          error=_failed(stage, exc))
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         seq.output_token_ids.append(token)
@@ -168,5 +226,12 @@ class LLMEngine:
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():
+                if out.error is not None:
+                    raise out.error
                 outputs[out.request_id].extend(out.new_token_ids)
         return [outputs[rid] for rid in ids]
+
+
+def _failed(stage: str, exc: BaseException) -> RequestFailedError:
+    return RequestFailedError(f"this request failed in {stage} ({type(exc).__name__}: {exc}); other requests "
+                              "were not affected")

@@ -1,6 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, returns sampled tokens."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .attention import KVCache, build_metadata
@@ -52,9 +54,11 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, TokenLogprob | None]]:
-        """Runs one step. Returns {batch row: (sampled token, its logprobs if asked)} for rows whose pending
-        tokens all ran."""
+    def run(self, batch: ScheduledBatch, check: Callable[[str, Sequence], None] | None = None
+            ) -> tuple[dict[int, tuple[int, TokenLogprob | None]], dict[int, Exception]]:
+        """Runs one step. Returns ({batch row: (sampled token, its logprobs if asked)} for rows whose pending
+        tokens all ran, {batch row: the error} for rows whose own sampling failed). ``check(stage, seq)`` is
+        the engine's per-request fault hook."""
         device = self.config.device
         # Rows grouped by adapter slot, so each adapter's tokens form one contiguous segment.
         order = sorted(range(len(batch)), key=lambda r: -1 if batch.seqs[r].lora_slot is None
@@ -88,12 +92,35 @@ class ModelRunner:
         for seq, num in zip(seqs, nums):
             seq.num_computed_tokens += num
         if not sample_rows:
-            return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V]
+            return {}, {}
+        last = hidden[torch.tensor(last_token, device=device)]  # [R, hidden]
         sampled = [batch.seqs[r] for r in sample_rows]
-        params = [s.params for s in sampled]
+        try:
+            for seq in sampled:
+                if check is not None:
+                    check("sampling", seq)
+            results = self._sample(self.model.compute_logits(last), sampled)
+            return dict(zip(sample_rows, results)), {}
+        except Exception:
+            pass
+        # One row's data failed the batched sampler: sample row by row (fresh logits: penalties edit them
+        # in place), so the fault stays with its request and every other row gets the token it would have.
+        out: dict[int, tuple[int, TokenLogprob | None]] = {}
+        failures: dict[int, Exception] = {}
+        for j, (row, seq) in enumerate(zip(sample_rows, sampled)):
+            try:
+                if check is not None:
+                    check("sampling", seq)
+                out[row] = self._sample(self.model.compute_logits(last[j:j + 1]), [seq])[0]
+            except Exception as exc:
+                failures[row] = exc
+        return out, failures
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
+        """logits: [R, V] for ``seqs`` -> (token, logprobs if asked) per row."""
+        params = [s.params for s in seqs]
         logprobs = compute_logprobs(logits, params)  # before sampling: penalties edit logits in place
-        tokens = sample(logits, params, [self._generators.get(s.request_id) for s in sampled],
-                        [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled]).tolist()
+        tokens = sample(logits, params, [self._generators.get(s.request_id) for s in seqs],
+                        [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]).tolist()
         picked = pick_logprobs(logprobs, tokens, params)
-        return {row: (tokens[j], picked.get(j)) for j, row in enumerate(sample_rows)}
+        return [(token, picked.get(j)) for j, token in enumerate(tokens)]

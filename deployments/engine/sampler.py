@@ -118,7 +118,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     vocab = logits.shape[-1]
     idx = torch.tensor(rows, device=device)
     temps = torch.tensor([params[i].temperature for i in rows], device=device)  # [R]
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device)  # [R]
+    top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=device)  # [R]
     top_p = torch.tensor([params[i].top_p for i in rows], device=device)  # [R]
     min_p = torch.tensor([params[i].min_p for i in rows], device=device)  # [R]
     scaled = logits[idx] / temps[:, None]  # [R, V]

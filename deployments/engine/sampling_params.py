@@ -1,7 +1,17 @@
 """Per-request sampling parameters (validated at construction)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# The engine's hard limits on a request's numbers, in one place: the API edge imports them, so a value
+# that would overflow a tensor or a generator is a 400 before any model time (and a ValueError here for
+# any other caller), never an error inside a step.
+MAX_INT64 = (1 << 63) - 1
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+MAX_TOKENS = (1 << 31) - 1  # the context limit is checked too; this bounds the arithmetic
+MAX_LOGPROBS = 20
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids past this are no vocabulary's (the engine checks its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,20 +32,28 @@ class SamplingParams:
     logprobs: int | None = None  # report the chosen token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        floats = (self.temperature, self.top_p, self.min_p, self.presence_penalty, self.frequency_penalty,
+                  self.repetition_penalty)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in floats):
+            raise ValueError("sampling parameters must be finite numbers")
+        if not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_tokens must be in [1, {MAX_TOKENS}], got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_k is not None and not 1 <= self.top_k <= MAX_INT64:
+            raise ValueError(f"top_k must be in [1, {MAX_INT64}] or None, got {self.top_k}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [{MIN_SEED}, {MAX_SEED}], got {self.seed}")
+        if any(not 0 <= t <= MAX_INT64 for t in self.stop_token_ids):
+            raise ValueError(f"stop token ids must be in [0, {MAX_INT64}]")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 

@@ -84,10 +84,16 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(num)
                 budget -= num
-        # Waiting sequences, strictly FCFS: the head blocks the rest until it fits.
+        # Waiting sequences, FCFS: a head that lacks KV blocks blocks the rest until it fits. One whose adapter
+        # cannot get a LoRA slot (every slot pinned) keeps its place but lets the others pass: base requests and
+        # requests for adapters already in slots are never held up behind another tenant's adapter.
         inflight: set[int] | None = None  # hashes of blocks this batch completes (built on first need)
+        no_slot: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.lora is not None and not self.slots.can_acquire(seq.lora):
+                no_slot.append(self.waiting.popleft())
+                continue
             self.block_manager.match_prefix(seq)  # cached leading blocks count as computed
             wanted = self.block_manager.next_block_hash(seq)
             if wanted is not None:
@@ -102,9 +108,6 @@ class Scheduler:
                 self.block_manager.deallocate(seq)  # give the matched blocks back; it waits whole
                 break
             if seq.lora is not None:
-                if not self.slots.can_acquire(seq.lora):
-                    self.block_manager.deallocate(seq)
-                    break  # every slot is pinned by running adapters: wait for one to drain
                 seq.lora_slot, needs_load = self.slots.acquire(seq.lora)
                 if needs_load:
                     batch.lora_loads.append((seq.lora_slot, seq.lora))
@@ -118,6 +121,7 @@ class Scheduler:
             budget -= num
             if inflight is not None:
                 inflight.update(self.block_manager.pending_hashes(seq, num))
+        self.waiting.extendleft(reversed(no_slot))  # back at the head, in their order
         self.running.sort(key=lambda s: s.arrival)
         return batch
 

@@ -36,6 +36,7 @@ class Sequence:
     num_preemptions: int = 0
     lora: str | None = None  # adapter name; None runs the base model
     lora_slot: int | None = None  # pool slot while running with an adapter
+    cache_salt: str | None = None  # prefix-cache partition (e.g. the tenant): blocks are reused only within it
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(probe: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    """Polls ``probe`` until it returns something truthy (returned) or ``timeout`` passes (its last value)."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
+
+
+def live_train_actors() -> dict[str, str]:
+    """Ray Train controllers and workers alive in the cluster, id -> class (read from the GCS actor table: the
+    state API needs the dashboard, which the test cluster does not run). Compare with a snapshot taken before a
+    job: a job run inline in this process leaves its idle controller referenced by Train's SIGINT handler."""
+    import ray
+
+    return {actor_id: a["ActorClassName"] for actor_id, a in ray._private.state.actors().items()
+            if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "RayTrainWorker")}
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+
+from tests.integration.conftest import live_train_actors, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "sentiment"
 
@@ -113,3 +117,55 @@ def test_python_api_submit_and_wait(ray_cluster, tiny_chat_dir, data_files, tmp_
     assert Path(record.adapter_dir, "adapter_model.safetensors").is_file()
     assert [e["data"]["step"] for e in handle.events() if e["type"] == "metrics"] == [1, 2, 3, 4]
     assert handle.cancel().status == "succeeded"  # a finished job stays as it ended
+
+
+def test_job_the_cluster_can_never_hold_fails_at_once(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from llmaas.training.jobs import run_job
+    from llmaas.training.store import JobStore
+
+    started = time.monotonic()
+    record = run_job(make_job(tiny_chat_dir, data_files, tmp_path, cpus_per_worker=64), "ftjob-test-huge")
+    assert time.monotonic() - started < 30
+    assert record.status == "failed" and record.error_code == "resources_unavailable"
+    assert "needs 2 worker(s) x CPU 64 but the whole cluster has CPU" in record.error
+    assert not (tmp_path / "ray_runs").exists()  # no trainer was started
+    assert JobStore(tmp_path).events("ftjob-test-huge")[-1]["data"]["code"] == "resources_unavailable"
+
+
+def test_job_waiting_for_taken_resources_says_so_then_fails(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from llmaas.training import submit
+
+    free = ray.available_resources()["CPU"]
+    hog = placement_group([{"CPU": free}])  # the cluster is busy: every free CPU is taken
+    assert hog.wait(timeout_seconds=30)
+    try:
+        started = time.monotonic()
+        handle = submit(make_job(tiny_chat_dir, data_files, tmp_path, num_workers=None, cpus_per_worker=None,
+                                 resource_wait_s=6))
+        waiting = wait_until(lambda: [e for e in handle.events() if e["message"].startswith("waiting for resources")],
+                             timeout=30)
+        assert time.monotonic() - started < 20  # said within seconds, not after the wait
+        assert "needs 1 worker(s) x CPU 0.1, free CPU 0" in waiting[0]["message"]  # nothing free: smallest plan
+        record = handle.wait(timeout=60)
+        assert record.status == "failed" and record.error_code == "resources_unavailable", record
+        assert "waited 6 s" in record.error
+    finally:
+        remove_placement_group(hog)
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= free - 1e-6, timeout=30)
+
+
+def test_cancel_frees_the_trainer_and_its_workers(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+    from llmaas.training import submit
+
+    free, before = ray.available_resources()["CPU"], live_train_actors()
+    handle = submit(make_job(tiny_chat_dir, data_files, tmp_path, epochs=100, eval={"metrics": ["loss"]}))
+    assert wait_until(lambda: any(e["type"] == "metrics" for e in handle.events()), timeout=180)
+    started = set(live_train_actors()) - set(before)
+    assert sorted(live_train_actors()[a] for a in started) == ["RayTrainWorker", "RayTrainWorker", "TrainController"]
+    assert ray.available_resources().get("CPU", 0) < free  # its workers hold CPUs
+    assert handle.cancel().status == "cancelled"
+    assert wait_until(lambda: not started & set(live_train_actors()), timeout=60), live_train_actors()
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= free - 1e-6, timeout=30)
+    assert handle.status().status == "cancelled"

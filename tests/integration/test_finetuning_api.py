@@ -9,13 +9,16 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import ray
 import torch
+
+from tests.integration.conftest import live_train_actors, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "sentiment"
 REVIEW = [{"role": "system", "content": "Classify the sentiment of the review. Answer with exactly one word: "
                                         "positive or negative."},
           {"role": "user", "content": "The blender broke after two days, terrible."}]
-EXT = {"num_workers": 2, "max_length": 128, "warmup_ratio": 0.0, "lr_schedule": "constant",
+EXT = {"max_length": 128, "warmup_ratio": 0.0, "lr_schedule": "constant",
        "eval": {"metrics": ["loss", "accuracy"], "labels": ["positive", "negative"], "max_new_tokens": 3}}
 
 
@@ -83,14 +86,48 @@ def test_missed_eval_threshold_keeps_a_candidate(client, training_file):
     assert client.chat.completions.create(model="gated@1", messages=REVIEW, max_tokens=2).model == "gated@1"
 
 
-def test_cancel_a_running_job(client, training_file):
+def test_cancel_a_running_job_frees_its_workers(client, training_file):
+    free, before = ray.available_resources()["CPU"], live_train_actors()
     job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, suffix="cancelme",
                                          hyperparameters={"n_epochs": 50}, extra_body={"llmaas": EXT})
-    time.sleep(3)
+    assert wait_until(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data),
+                      timeout=180)  # its workers are training
+    started = set(live_train_actors()) - set(before)
+    assert sorted(live_train_actors()[a] for a in started) == ["RayTrainWorker", "RayTrainWorker", "TrainController"]
+    assert ray.available_resources()["CPU"] < free  # its workers hold CPUs
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    time.sleep(2)
+    assert wait_until(lambda: not started & set(live_train_actors()), timeout=60), live_train_actors()
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= free - 1e-6, timeout=30)
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert "cancelme" not in {m.id for m in client.models.list().data}
+
+
+def test_a_tenant_has_at_most_max_jobs_per_tenant_at_once(client, training_file):
+    def create(suffix: str):
+        return client.fine_tuning.jobs.create(model="base", training_file=training_file.id, suffix=suffix,
+                                              hyperparameters={"n_epochs": 50}, extra_body={"llmaas": EXT})
+
+    jobs = [create("cap-a"), create("cap-b")]  # max_jobs_per_tenant: 2 by default
+    try:
+        with pytest.raises(openai.RateLimitError) as err:
+            create("cap-c")
+        assert err.value.body["code"] == "too_many_jobs" and err.value.response.headers["retry-after"] == "60"
+    finally:
+        for job in jobs:
+            assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    job = create("cap-d")  # cancelled jobs no longer count
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
+def test_api_job_plans_its_workers_from_what_is_free(client, training_file):
+    """No finetuning settings in the app: auto, two workers sharing the free CPUs; the plan is in the events."""
+    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, suffix="planned",
+                                         hyperparameters={"n_epochs": 1}, extra_body={"llmaas": EXT})
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    plans = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "resources"]
+    assert len(plans) == 1 and plans[0].data["num_workers"] == 2  # auto: the default two workers
+    assert 0.1 <= plans[0].data["cpus_per_worker"] <= 1.0
 
 
 @pytest.mark.parametrize("content, status, fragment", [
@@ -113,6 +150,8 @@ def test_bad_uploads_are_rejected(client, content, status, fragment):
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
     ({"extra_body": {"llmaas": {"lora": {"r": 0}}}}, "llmaas.lora.r"),
     ({"extra_body": {"llmaas": {"storage_root": "/"}}}, "llmaas.storage_root"),
+    ({"extra_body": {"llmaas": {"num_workers": 64}}}, "llmaas.num_workers"),
+    ({"extra_body": {"llmaas": {"cpus_per_worker": 8}}}, "llmaas.cpus_per_worker"),
 ])
 def test_bad_job_requests_name_the_field(client, training_file, kwargs, param):
     args = {"model": "base", "training_file": training_file.id, **kwargs}

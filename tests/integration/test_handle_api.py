@@ -21,7 +21,12 @@ DRIVER = textwrap.dedent("""
         error = None
     except Exception as exc:
         error = type(exc).__name__ + ": " + str(exc)
-    print("RESULT" + json.dumps({
+    try:  # the operator's limits hold on the handle as on HTTP (max_messages: 256 by default)
+        handle.chat.remote({"model": "base", "messages": [{"role": "user", "content": "x"}] * 300}).result()
+        too_many = None
+    except Exception as exc:
+        too_many = type(exc).__name__ + ": " + str(exc)
+    print("RESULT" + json.dumps({"too_many": too_many,
         "type": type(resp).__name__, "content": resp.choices[0].message.content,
         "usage": resp.usage.completion_tokens,
         "chunk_types": sorted({type(c).__name__ for c in chunks}),
@@ -43,3 +48,4 @@ def test_handle_from_separate_driver_matches_http(serve_app, client):
     assert got["chunk_types"] == ["ChatCompletionChunk"]
     assert got["completion_type"] == "CompletionResponse"
     assert got["error"] and "messages" in got["error"]
+    assert got["too_many"] and "at most 256 messages" in got["too_many"]

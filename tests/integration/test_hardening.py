@@ -79,6 +79,35 @@ def test_tenants_see_only_their_own(auth_url, tiny_chat_dir, tmp_path):
     assert {"alices", "alices@1"} <= alice_models
 
 
+def test_a_tenant_never_publishes_into_a_name_it_does_not_own(auth_url, tiny_chat_dir, tmp_path):
+    """Checked when the job is created (not after training): another tenant's name and a shared name (whose alias
+    a passing eval would move for everyone) answer 404; the reserved 'base' 400; the tenant's own name is fine."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import make_peft_adapter
+
+    adapter = make_peft_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), tmp_path / "s", seed=4)
+    for name, owner in (("shared-one", None), ("alices-own", "alice")):
+        body = {"name": name, "path": adapter, "promote": True, "owner": owner}
+        assert httpx.post(f"{auth_url}/v1/adapters", headers=h("admin"), json=body, timeout=60).status_code == 200
+    rows = b'{"prompt": "a", "completion": "b"}\n' * 16
+
+    def job_ids(who: str) -> set[str]:
+        return {j["id"] for j in httpx.get(f"{auth_url}/v1/fine_tuning/jobs", headers=h(who), timeout=30).json()["data"]}
+
+    before = {who: job_ids(who) for who in ("alice", "bob")}
+    for who in ("alice", "bob"):
+        f = httpx.post(f"{auth_url}/v1/files", headers=h(who), files={"file": ("t.jsonl", rows)},
+                       data={"purpose": "fine-tune"}, timeout=30).json()
+        for suffix, status in (("shared-one", 404), ("alices-own", 404 if who == "bob" else None), ("base", 400)):
+            if status is None:
+                continue
+            r = httpx.post(f"{auth_url}/v1/fine_tuning/jobs", headers=h(who), timeout=30,
+                           json={"model": "base", "training_file": f["id"], "suffix": suffix})
+            assert r.status_code == status and r.json()["error"]["param"] == "suffix", (who, suffix, r.text)
+    assert {who: job_ids(who) for who in ("alice", "bob")} == before  # refused jobs were never queued
+
+
 HOSTILE = [
     ({"model": "base", "messages": MSG, "n": 10**9}, 400),
     ({"model": "base", "messages": MSG, "n": -1}, 400),
@@ -256,3 +285,26 @@ def test_killed_model_replica_gives_clean_errors_and_recovers(ray_cluster, defau
         assert results == [200] * 5
     finally:
         serve.delete("kill-app")
+
+
+def test_with_keys_the_prefix_cache_is_per_tenant(auth_url):
+    """No tenant can learn another's prompt from cache-hit timing: with keys configured the prefix cache is
+    scoped per tenant (engine.prefix_cache_scope defaults to tenant), while a tenant still reuses its own."""
+    llm = serve.get_deployment_handle("LLMServer", app_name="auth-app")
+
+    def cached() -> int:
+        return llm.stats.remote().result()["prefix_cached_tokens"]
+
+    secret = [{"role": "user", "content": "the merger closes on friday at nine, tell nobody " * 4}]
+
+    def ask(who: str, max_tokens: int) -> None:  # max_tokens differ: the response cache never answers
+        r = httpx.post(f"{auth_url}/v1/chat/completions", headers=h(who), timeout=60,
+                       json={"model": "base", "messages": secret, "max_tokens": max_tokens})
+        assert r.status_code == 200, r.text
+
+    ask("alice", 1)
+    start = cached()
+    ask("bob", 2)
+    assert cached() == start  # bob's identical prompt found none of alice's blocks
+    ask("alice", 3)
+    assert cached() > start  # alice reuses her own

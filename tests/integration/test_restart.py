@@ -19,7 +19,7 @@ APP = "restart-app"
 @pytest.fixture(scope="module")
 def restart_setup(ray_cluster, app_args, tmp_path_factory):
     storage = tmp_path_factory.mktemp("restart-storage")
-    args = {**app_args, "storage_root": str(storage)}
+    args = {**app_args, "storage_root": str(storage), "finetuning": {"num_workers": 1}}
     serve.run(build_app(args), name=APP, route_prefix="/restart")
     client = openai.OpenAI(base_url=f"{ray_cluster}/restart/v1", api_key="unused", max_retries=0, timeout=60)
     return args, client, storage
@@ -37,8 +37,7 @@ def test_state_survives_restart_and_interrupted_job_is_failed(restart_setup, tin
     assert r.status_code == 200, r.text
     rows = b'{"prompt": "a", "completion": "b"}\n' * 64
     f = client.files.create(file=("t.jsonl", io.BytesIO(rows)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="base", training_file=f.id, hyperparameters={"n_epochs": 100},
-                                         extra_body={"llmaas": {"num_workers": 1}})
+    job = client.fine_tuning.jobs.create(model="base", training_file=f.id, hyperparameters={"n_epochs": 100})
     deadline = time.monotonic() + 60
     while client.fine_tuning.jobs.retrieve(job.id).status != "running" and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -214,3 +214,24 @@ def test_grouped_projections_equal_one_at_a_time(segments):
     pool.apply_group(got, x, 1, ("q_proj", "k_proj", "v_proj"), batch)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_prefix_cache_is_shared_only_within_a_salt(base):
+    """engine.prefix_cache_scope: tenant salts each tenant's hash chains, so equal prompts of two tenants never
+    hit each other's blocks (no timing side channel); the same tenant still reuses its own."""
+    prompt = list(range(3, 43))
+    engine = engine_for(base)
+    expected = base_greedy(base, prompt)
+
+    def run(request_id: str, salt: str | None) -> list[int]:
+        engine.add_request(request_id, prompt, GREEDY, cache_salt=salt)
+        out: list[int] = []
+        while engine.has_unfinished():
+            out += [t for o in engine.step() for t in o.new_token_ids]
+        return out
+
+    assert run("alice-1", "alice") == expected
+    assert run("bob-1", "bob") == expected
+    assert engine.block_manager.num_cached_tokens == 0  # same tokens, other tenant: nothing reused
+    assert run("alice-2", "alice") == expected
+    assert engine.block_manager.num_cached_tokens == 36  # 9 full blocks of 4 from alice's first request

@@ -104,3 +104,25 @@ def test_twin_waits_a_step_for_blocks_a_batch_mate_computes(prompts, expected_fi
     for seq in first.seqs:
         s.block_manager.commit(seq)
     assert s.schedule().num_new_tokens == expected_second
+
+
+def test_a_request_waiting_for_a_lora_slot_does_not_hold_up_others():
+    cfg = EngineConfig(max_model_len=64, num_kv_blocks=16, block_size=4, max_num_batched_tokens=32, max_num_seqs=8,
+                       max_loras=1)
+    s = Scheduler(cfg, BlockManager(16, 4))
+
+    def add_lora(arrival: int, lora: str | None) -> Sequence:
+        seq = Sequence(str(arrival), list(range(100 * arrival, 100 * arrival + 4)), SamplingParams(), arrival=arrival,
+                       lora=lora)
+        s.add(seq)
+        return seq
+
+    a = add_lora(0, "a")
+    run(s, s.schedule())  # "a" runs and pins the only slot
+    b, base, a2 = add_lora(1, "b"), add_lora(2, None), add_lora(3, "a")
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["0", "2", "3"]  # base and the resident adapter pass "b"
+    assert list(s.waiting) == [b]  # "b" keeps its place at the head
+    for q in (a, a2):
+        s.finish(q)
+    assert [q.request_id for q in s.schedule().seqs] == ["2", "1"]  # the slot drained: "b" is next
