@@ -19,8 +19,9 @@ import json
 import random
 import tempfile
 import time
+from pathlib import Path
 
-from llmaas.benchmarks.common import percentile, print_table, save
+from llmaas.benchmarks.common import model_source, percentile, print_table, save
 
 MSG = [{"role": "user", "content": "hi"}]
 HUGE = 1 << 70
@@ -115,21 +116,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8768)
     args = p.parse_args()
 
-    from pathlib import Path
-
     import ray
     from ray import serve
 
     from llmaas.app.builder import build_app
 
     work = tempfile.mkdtemp(prefix="llmaas-chaos-")
-    source = args.model_source
-    if source is None:
-        from llmaas.app.config import ModelSettings
-        from llmaas.app.model_source import default_model_dir
-        from tests.models import save_tiny_chat_model
-
-        source = str(save_tiny_chat_model(Path(work) / "tiny", default_model_dir(ModelSettings().cache_dir)))
+    source = model_source(args.model_source, Path(work))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app({"model": {"source": source}, "storage_root": f"{work}/storage",

@@ -43,6 +43,18 @@ def save(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> Path:
     return path
 
 
+def model_source(given: str | None, work: Path) -> str:
+    """The model a serving benchmark runs: ``given``, else a tiny random chat model with the default model's
+    tokenizer (built under ``work``), so the benchmark measures the serving path rather than the model."""
+    if given is not None:
+        return given
+    from llmaas.app.config import ModelSettings
+    from llmaas.app.model_source import default_model_dir
+    from tests.models import save_tiny_chat_model
+
+    return str(save_tiny_chat_model(work / "tiny", default_model_dir(ModelSettings().cache_dir)))
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

@@ -15,8 +15,9 @@ import asyncio
 import collections
 import tempfile
 import time
+from pathlib import Path
 
-from llmaas.benchmarks.common import percentile, print_table, save
+from llmaas.benchmarks.common import model_source, percentile, print_table, save
 
 
 async def run(url: str, args) -> tuple[list[tuple[int, float, int]], float]:
@@ -69,15 +70,7 @@ def main() -> None:
     from llmaas.deployments.tokenizer import Tokenizer
 
     work = tempfile.mkdtemp(prefix="llmaas-load-")
-    source = args.model_source
-    if source is None:
-        from llmaas.app.model_source import default_model_dir
-        from llmaas.app.config import ModelSettings
-        from tests.models import save_tiny_chat_model
-
-        from pathlib import Path
-
-        source = str(save_tiny_chat_model(Path(work) / "tiny", default_model_dir(ModelSettings().cache_dir)))
+    source = model_source(args.model_source, Path(work))
     cfg = AppConfig.model_validate({"model": {"source": source}, "storage_root": f"{work}/storage",
                                     "engine": {"torch_threads": 2},
                                     "rate_limits": {"requests_per_minute": args.rpm}})

@@ -93,7 +93,8 @@ def test_a_tenant_never_publishes_into_a_name_it_does_not_own(auth_url, tiny_cha
     rows = b'{"prompt": "a", "completion": "b"}\n' * 16
 
     def job_ids(who: str) -> set[str]:
-        return {j["id"] for j in httpx.get(f"{auth_url}/v1/fine_tuning/jobs", headers=h(who), timeout=30).json()["data"]}
+        r = httpx.get(f"{auth_url}/v1/fine_tuning/jobs", headers=h(who), timeout=30)
+        return {j["id"] for j in r.json()["data"]}
 
     before = {who: job_ids(who) for who in ("alice", "bob")}
     for who in ("alice", "bob"):
