@@ -101,6 +101,9 @@ class AppConfig(BaseModel):
     max_upload_mb: float = Field(100.0, gt=0, description="Largest /v1/files upload (413 above).")
     max_body_mb: float = Field(4.0, gt=0, description="Largest JSON request body (413 above).")
     max_messages: int = Field(256, ge=1, description="Most chat messages per request.")
+    max_files_per_tenant: int = Field(100, ge=1, description="Uploaded files one tenant may keep (403 above).")
+    max_file_mb_per_tenant: float = Field(
+        1000.0, gt=0, description="Bytes of uploaded files one tenant may keep, in MB (403 quota_exceeded above).")
     response_cache_size: int = Field(
         0, ge=0, description="Cache this many deterministic (temperature 0 / seeded) responses; 0 turns it off.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and tenants; none = open.")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,8 +40,8 @@ class PromoteRequest(BaseModel):
 
 class Management:
     def __init__(self, storage_root: Path, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
-                 max_upload_bytes: int, job_resources: JobResources | None = None, max_jobs_per_tenant: int = 2
-                 ) -> None:
+                 max_upload_bytes: int, job_resources: JobResources | None = None, max_jobs_per_tenant: int = 2,
+                 files: FileStore | None = None) -> None:
         self.storage_root = Path(storage_root)
         self.base_path = base_path
         self.base_info = base_info
@@ -49,14 +49,15 @@ class Management:
         self.max_upload_bytes = max_upload_bytes
         self.job_resources = job_resources or JobResources()
         self.max_jobs_per_tenant = max_jobs_per_tenant
-        self.files = FileStore(storage_root)
+        self.files = files or FileStore(storage_root)
         self.jobs = JobStore(storage_root)
         self.registry = get_registry_service(storage_root)
         self.runner = get_job_runner(storage_root)
 
     # ----- files -----
-    def upload(self, data: bytes, filename: str, purpose: str, owner: str | None = None) -> FileObject:
-        return self.files.create(data, filename, purpose, owner)
+    def upload(self, src: BinaryIO, filename: str, purpose: str, owner: str | None = None) -> FileObject:
+        """Blocking (streams to disk, validates): call it off the event loop."""
+        return self.files.create(src, filename, purpose, owner, self.max_upload_bytes)
 
     # ----- fine-tuning jobs -----
     async def create_job(self, req: FineTuningJobRequest, owner: str | None = None) -> FineTuningJobObject:

@@ -57,8 +57,9 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str | None, _Bucket] = {}
 
-    def acquire(self, tenant: str | None) -> Budget | None:
-        """Spends one request of ``tenant``'s budget; raises RateLimited when none is left. None: unlimited."""
+    def acquire(self, tenant: str | None, cost: float = 1.0) -> Budget | None:
+        """Spends ``cost`` requests of ``tenant``'s budget (a request of n choices costs n); raises RateLimited
+        when that much is not left. None: unlimited."""
         rpm = self.settings.limit_for(tenant)
         if rpm is None:
             return None
@@ -68,11 +69,12 @@ class RateLimiter:
             bucket = self._buckets[tenant] = _Bucket(tokens=rpm, updated=now)
         bucket.tokens = min(rpm, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
-        if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / rate
-            raise RateLimited(f"rate limit reached: {rpm:g} requests per minute for this tenant; "
-                              f"retry in {wait:.1f} s", code="rate_limit_exceeded", retry_after_s=wait)
-        bucket.tokens -= 1.0
+        if bucket.tokens < cost:
+            wait = (cost - bucket.tokens) / rate
+            raise RateLimited(f"rate limit reached: {rpm:g} requests (choices) per minute for this tenant; this "
+                              f"request needs {cost:g}; retry in {wait:.1f} s", code="rate_limit_exceeded",
+                              retry_after_s=wait)
+        bucket.tokens -= cost
         return Budget(limit=int(rpm), remaining=int(bucket.tokens), reset_s=(rpm - bucket.tokens) / rate)
 
 

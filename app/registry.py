@@ -91,17 +91,13 @@ def validate_name(name: str, param: str = "name") -> str:
 
 def check_adapter(src: Path, base: BaseModelInfo) -> int:
     """Validates a PEFT LoRA dir against the base model; returns its rank. Never unpickles anything."""
-    from llmaas.deployments.engine.lora import AdapterError, load_peft_adapter
+    from llmaas.deployments.engine.lora import AdapterError, check_fits, load_peft_adapter
 
     try:
         adapter = load_peft_adapter(src, "check", base.num_layers, base.max_rank)
+        check_fits(adapter, base.projection_shapes, src)
     except (AdapterError, KeyError, ValueError, OSError) as exc:
         raise InvalidRequest(f"adapter rejected: {exc}", param="path") from None
-    for (_layer, module), (a, b) in adapter.weights.items():
-        want_in, want_out = base.projection_shapes[module]
-        if a.shape[1] != want_in or b.shape[0] != want_out:
-            raise InvalidRequest(f"adapter rejected: {module} does not fit the served base model "
-                                 f"({want_in} -> {want_out}); it was trained on another base", param="path")
     meta_file = src / "metadata.json"
     if meta_file.is_file():
         fp = json.loads(meta_file.read_text()).get("base_fingerprint")
@@ -154,20 +150,24 @@ class Registry:
         """Copies a PEFT LoRA dir in as the next version of ``name``; returns 'name@v'."""
         validate_name(name)
         src = Path(src)
-        rank = check_adapter(src, base)
-        meta = dict(metadata or {})
-        if (src / "metadata.json").is_file():
-            meta = {**json.loads((src / "metadata.json").read_text()), **meta}
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
+            # Copy first, then validate the copy: what is published is exactly what was checked.
             for f in ADAPTER_FILES[:2]:
                 shutil.copyfile(src / f, staging / f)  # copies content: a symlink in src cannot leak out
+            meta = dict(metadata or {})
+            if (src / "metadata.json").is_file():
+                meta = {**json.loads((src / "metadata.json").read_text()), **meta}
             (staging / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+            rank = check_adapter(staging, base)
             with self._edit() as state:
                 check_owner(state, name, owner)
                 entry = state.adapters.get(name) or AdapterEntry(name=name, owner=owner)
                 version = entry.next_version
                 target = self.adapter_dir(name, version)
+                # A directory here that the registry does not list is a publish cut off by a crash (after the
+                # rename, before the registry write): discard it, so a crash never leaves the name unusable.
+                shutil.rmtree(target, ignore_errors=True)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 staging.rename(target)
                 entry.versions[version] = AdapterVersion(version=version, path=str(target.relative_to(self.root)),

@@ -27,7 +27,7 @@ from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
 from llmaas.app.config import AppConfig
 from llmaas.app.deadline import Deadline
 from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable, unwrap
-from llmaas.app.files import FileObject
+from llmaas.app.files import FileObject, FileStore
 from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
 from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.app.model_source import base_model_info, resolve_model
@@ -121,7 +121,7 @@ async def _gate_requests(request: Request, call_next):
             request.state.principal = ANONYMOUS
         else:
             request.state.principal = gate.auth.authenticate(request.headers.get("authorization"))
-            budget = gate.limiter.acquire(request.state.principal.tenant)
+            budget = request.state.budget = gate.limiter.acquire(request.state.principal.tenant)
         length = request.headers.get("content-length")
         limit = gate.body_limit(path)
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -130,6 +130,7 @@ async def _gate_requests(request: Request, call_next):
         response = _api_error_response(exc)
     else:
         response = await call_next(request)
+    budget = getattr(request.state, "budget", budget)  # a route may have charged more (n choices)
     if budget is not None:
         response.headers.update(budget_headers(budget))
     if gate.metrics is not None:
@@ -245,7 +246,9 @@ class Router:
         self.manage = Management(config.storage_root, model.path,
                                  base_model_info(model.path, config.engine.max_lora_rank),
                                  (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)),
-                                 config.finetuning, config.max_jobs_per_tenant)
+                                 config.finetuning, config.max_jobs_per_tenant,
+                                 FileStore(config.storage_root, config.max_files_per_tenant,
+                                           int(config.max_file_mb_per_tenant * (1 << 20))))
         self.catalog = ModelCatalog(model.served_name, model.max_model_len,
                                     ray.get(self.manage.registry.snapshot.remote()))
         self.metrics = RouterMetrics()
@@ -284,6 +287,13 @@ class Router:
         # restored registry file), which the long poll would otherwise return at once, forever.
         self.catalog.state = state
 
+    def _charge_choices(self, request: Request, who: Principal, choices: int) -> None:
+        """The rate limit counts choices, not requests: the gate spent one, a request of k choices spends k - 1
+        more (one above max_choices is refused after this and costs no more than the cap)."""
+        extra = min(choices, self.serving.limits.max_choices) - 1
+        if extra > 0 and getattr(request.state, "budget", None) is not None:
+            request.state.budget = api.state.gate.limiter.acquire(who.tenant, cost=extra)
+
     # ----- HTTP: inference -----
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -295,8 +305,9 @@ class Router:
         return self.serving.models(who.tenant)
 
     @api.post("/v1/chat/completions")
-    async def http_chat(self, request: ChatCompletionRequest, who: Principal = Depends(principal)):
+    async def http_chat(self, request: ChatCompletionRequest, http: Request, who: Principal = Depends(principal)):
         deadline = Deadline.start(self.timeout_s)
+        self._charge_choices(http, who, request.n)
         await self._watch()
         if request.stream:  # 4xx before the stream opens; a timeout after it is reported in-band
             prepared = await deadline.run(self.serving.prepare_chat(request, who.tenant))
@@ -304,8 +315,10 @@ class Router:
         return await deadline.run(self.serving.chat(request, who.tenant))
 
     @api.post("/v1/completions")
-    async def http_completions(self, request: CompletionRequest, who: Principal = Depends(principal)):
+    async def http_completions(self, request: CompletionRequest, http: Request,
+                               who: Principal = Depends(principal)):
         deadline = Deadline.start(self.timeout_s)
+        self._charge_choices(http, who, len(request.prompts()) * request.n)
         await self._watch()
         if request.stream:
             prepared = await deadline.run(self.serving.prepare_completion(request, who.tenant))
@@ -316,10 +329,9 @@ class Router:
     @api.post("/v1/files", response_model=FileObject)
     async def upload_file(self, file: UploadFile = File(...), purpose: str = Form(...),
                           who: Principal = Depends(principal)):
-        data = await file.read(self.manage.max_upload_bytes + 1)
-        if len(data) > self.manage.max_upload_bytes:
-            raise PayloadTooLarge(f"upload exceeds {self.manage.max_upload_bytes} bytes", param="file")
-        return self.manage.upload(data, file.filename or "upload.jsonl", purpose, who.tenant)
+        # a worker thread: copying and validating a large upload must not stall other requests' streams
+        return await asyncio.to_thread(self.manage.upload, file.file, file.filename or "upload.jsonl", purpose,
+                                       who.tenant)
 
     @api.get("/v1/files")
     async def list_files(self, who: Principal = Depends(principal)):

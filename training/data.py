@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,13 @@ def read_jsonl(path: str | Path, fmt: str = "auto", on_bad_line: str = "error") 
 
 def validate_bytes(data: bytes, name: str = "upload") -> int:
     """Validates an uploaded JSONL file in memory; returns its row count."""
+    return validate_lines(data.splitlines(), name)
+
+
+def validate_lines(lines: Iterable[bytes], name: str = "upload") -> int:
+    """Validates JSONL lines (a list, or a binary file read line by line); returns the row count."""
     count = 0
-    for lineno, raw in enumerate(data.splitlines(), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         where = f"{name}:{lineno}"

@@ -74,8 +74,8 @@ def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) 
     store.add_event(job_id, "status", "job started")
     try:
         record = _run(job, job_id, store)
-        if store.get(job_id).cancel_requested:
-            return record  # cancelled while finishing: nothing is registered; the canceller records the end
+        if store.update_if(job_id, lambda r: not r.cancel_requested, publishing=True) is None:
+            return store.get(job_id)  # cancelled first: nothing is registered; the canceller records the end
         if on_success is not None:
             record = on_success(record)  # e.g. registration: the job only succeeds once it is done
         store.add_event(job_id, "status", f"job succeeded: {record.adapter_dir}")
@@ -224,7 +224,13 @@ def cancel_job(store: JobStore, job_id: str, ref: Any | None) -> JobRecord:
         raise KeyError(job_id)
     if record.status in TERMINAL:
         return record
-    store.update(job_id, cancel_requested=True)  # run_job publishes nothing from here on
+    # Cancellation and publication are ordered by one compare-and-set on the record: whichever comes first wins.
+    claimed = store.update_if(job_id, lambda r: r.status not in TERMINAL and not r.publishing, cancel_requested=True)
+    if claimed is None:
+        record = store.get(job_id)
+        if record.status not in TERMINAL:
+            store.add_event(job_id, "status", "cancel refused: the job is already publishing its adapter")
+        return record
     if ref is not None:
         ray.cancel(ref, force=False)
         if not ray.wait([ref], timeout=CANCEL_GRACE_S)[0]:

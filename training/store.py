@@ -5,11 +5,13 @@ os.replace) and ``events.jsonl`` (append-only; a torn last line is skipped on re
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ class JobRecord(BaseModel):
     trained_tokens: int | None = None
     owner: str | None = None  # tenant that submitted it
     cancel_requested: bool = False  # set before the job's task is stopped; the task then publishes nothing
+    publishing: bool = False  # set once the job starts publishing its adapter; a cancel is then refused
 
 
 def new_job_id() -> str:
@@ -64,14 +67,27 @@ class JobStore:
         return JobRecord.model_validate_json(path.read_text())
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
-        record = self.get(job_id)
-        if record is None:
-            raise KeyError(job_id)
-        record = record.model_copy(update=fields)
-        if fields.get("status") in TERMINAL and record.finished_at is None:
-            record.finished_at = int(time.time())
-        self.save(record)
+        record = self.update_if(job_id, lambda _: True, **fields)
+        assert record is not None
         return record
+
+    def update_if(self, job_id: str, condition: Callable[[JobRecord], bool], **fields: Any) -> JobRecord | None:
+        """Read, check, write under the job's file lock: an atomic compare-and-set between processes (the job's
+        task and a canceller). Returns the new record, or None when ``condition`` is false (nothing written)."""
+        if not (self.dir(job_id) / "record.json").is_file():
+            raise KeyError(job_id)
+        with open(self.dir(job_id) / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            record = self.get(job_id)
+            if record is None:
+                raise KeyError(job_id)
+            if not condition(record):
+                return None
+            record = record.model_copy(update=fields)
+            if fields.get("status") in TERMINAL and record.finished_at is None:
+                record.finished_at = int(time.time())
+            self.save(record)
+            return record
 
     def list(self) -> list[JobRecord]:
         if not self.root.is_dir():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .block_manager import BlockManager
-from .lora import AdapterError, AdapterWeights, load_peft_adapter
+from .lora import AdapterError, AdapterWeights, check_fits, load_peft_adapter
 from .config import EngineConfig
 from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
@@ -80,11 +80,7 @@ class LLMEngine:
         if not self.config.max_loras:
             raise AdapterError("this engine was built with max_loras=0")
         adapter = load_peft_adapter(path, name, self.model.num_layers, self.config.max_lora_rank)
-        for (_layer, module), (a, b) in adapter.weights.items():
-            want_in, want_out = self.model.projection_shapes()[module]
-            if a.shape[1] != want_in or b.shape[0] != want_out:
-                raise AdapterError(f"{path}: {module} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base "
-                                   f"model ({want_in} -> {want_out}); was it trained on another base model?")
+        check_fits(adapter, self.model.projection_shapes(), path)
         self._adapters[name] = AdapterWeights(
             name, adapter.rank, adapter.scale,
             {k: (a.to(self.config.dtype), b.to(self.config.dtype)) for k, (a, b) in adapter.weights.items()})

@@ -39,6 +39,16 @@ class AdapterWeights:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
+def check_fits(adapter: AdapterWeights, projection_shapes: dict[str, tuple[int, int]], path: str | Path) -> None:
+    """Raises AdapterError unless every delta maps the base projection's input size to its output size (an adapter
+    trained on another base). The one shape check: the engine and the registry both call it."""
+    for (_layer, module), (a, b) in adapter.weights.items():
+        want_in, want_out = projection_shapes[module]
+        if a.shape[1] != want_in or b.shape[0] != want_out:
+            raise AdapterError(f"{path}: {module} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base "
+                               f"model ({want_in} -> {want_out}); was it trained on another base model?")
+
+
 def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: int) -> AdapterWeights:
     """Reads a PEFT LoRA directory: adapter_config.json + adapter_model.safetensors (never pickle)."""
     from safetensors.torch import load_file
@@ -61,9 +71,12 @@ def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: in
         raise AdapterError(f"{path}: LoRA bias and modules_to_save are not supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdapterError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
-    rank = int(cfg["r"])
-    if rank > max_rank:
-        raise AdapterError(f"{path}: rank {rank} exceeds this engine's max_lora_rank {max_rank}")
+    try:
+        rank = int(cfg["r"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{path}: adapter_config.json has no integer rank 'r'") from None
+    if not 1 <= rank <= max_rank:
+        raise AdapterError(f"{path}: rank {rank} is outside this engine's 1..max_lora_rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
     tensors = load_file(str(weights_file))
@@ -75,12 +88,17 @@ def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: in
         module = parts[parts.index("lora_A") - 1]
         if module not in SUPPORTED_MODULES:
             raise AdapterError(f"{path}: target module {module!r} is not supported; use {', '.join(SUPPORTED_MODULES)}")
+        if "layers" not in parts or not parts[parts.index("layers") + 1].isdigit():
+            raise AdapterError(f"{path}: {key} names no decoder layer")
         layer = int(parts[parts.index("layers") + 1])
         if layer >= num_layers:
             raise AdapterError(f"{path}: layer {layer} does not exist in the base model ({num_layers} layers)")
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise AdapterError(f"{path}: {key} has no matching lora_B")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"{path}: {key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not have the "
+                               f"rank r={rank} its config declares")
         weights[(layer, module)] = (a, b)
     if not weights:
         raise AdapterError(f"{path}: no LoRA weights found in adapter_model.safetensors")

@@ -13,7 +13,7 @@ from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
 
-KEYS = {"trial": "trial-secret-key-0001", "paid": "paid-secret-key-00002"}
+KEYS = {"trial": "trial-secret-key-0001", "paid": "paid-secret-key-00002", "fan": "fan-out-secret-key-003"}
 MSG = [{"role": "user", "content": "hi"}]
 TIMEOUT_S = 1.5
 
@@ -23,8 +23,8 @@ def limits_url(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
     cfg = AppConfig.model_validate({
         **app_args, "model": {"source": str(tiny_long_chat_dir), "served_name": "tiny-long"},
         "storage_root": str(tmp_path_factory.mktemp("limits-storage")), "response_cache_size": 0,
-        "auth": {"api_keys": [{"key": KEYS["trial"], "tenant": "trial"}, {"key": KEYS["paid"], "tenant": "paid"}]},
-        "rate_limits": {"tenants": {"trial": 3}}, "request_timeout_s": TIMEOUT_S})
+        "auth": {"api_keys": [{"key": KEYS[t], "tenant": t} for t in KEYS]},
+        "rate_limits": {"tenants": {"trial": 3, "fan": 6}}, "request_timeout_s": TIMEOUT_S})
     app = Router.bind(Tokenizer.bind(cfg), LLMServer.options(ray_actor_options={"num_cpus": 0.5}).bind(cfg), cfg)
     serve.run(app, name="limits-app", route_prefix="/limits")
     yield f"{ray_cluster}/limits"
@@ -52,6 +52,21 @@ def test_a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not(limi
     c = openai.OpenAI(base_url=f"{limits_url}/v1", api_key=KEYS["trial"], max_retries=0, timeout=30)
     with pytest.raises(openai.RateLimitError):
         c.models.list()
+
+
+def test_the_rate_limit_counts_choices_not_requests(limits_url):
+    """fan has 6 per minute: one request of n=4 spends 4, so a second one of n=4 is over; n=1 still fits."""
+    def ask(n: int) -> httpx.Response:
+        return httpx.post(f"{limits_url}/v1/chat/completions", headers=h("fan"), timeout=60,
+                          json={"model": "tiny-long", "messages": MSG, "max_tokens": 1, "n": n})
+
+    first = ask(4)
+    assert first.status_code == 200 and len(first.json()["choices"]) == 4
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    over = ask(4)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded", over.text
+    assert "needs 3" in over.json()["error"]["message"]  # the gate took 1 of the 2 left; 3 more do not fit
+    assert ask(1).status_code == 200
 
 
 def _engine_idle(app: str, within_s: float) -> dict:

@@ -25,6 +25,34 @@ def restart_setup(ray_cluster, app_args, tmp_path_factory):
     return args, client, storage
 
 
+def test_a_registry_restored_to_an_older_generation_is_taken(restart_setup, tiny_chat_dir, ray_cluster, tmp_path):
+    """An operator restores registry.json from a backup (its generation is lower than what Routers saw): the
+    Routers take it at once instead of ignoring it (and long-polling in a hot loop)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.conftest import wait_until
+    from tests.models import make_peft_adapter
+
+    _args, client, storage = restart_setup
+    adapter = make_peft_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), tmp_path / "g", seed=6)
+
+    def register(name: str) -> None:
+        r = httpx.post(f"{ray_cluster}/restart/v1/adapters", json={"name": name, "path": adapter, "promote": True},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+
+    def models() -> set[str]:
+        return {m.id for m in client.models.list().data}
+
+    register("older")
+    backup = (storage / "registry.json").read_text()
+    register("newer")
+    assert wait_until(lambda: "newer" in models(), timeout=10)
+    (storage / "registry.json").write_text(backup)  # the restore, then the registry actor re-reads its file
+    ray.get(ray.get_actor(actor_name("registry", storage), namespace="llmaas").reload.remote())
+    assert wait_until(lambda: "newer" not in models() and "older" in models(), timeout=10), models()
+
+
 def test_state_survives_restart_and_interrupted_job_is_failed(restart_setup, tiny_chat_dir, ray_cluster, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -62,3 +62,13 @@ def test_off_by_default_and_headers():
     assert budget_headers(budget) == {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
                                       "x-ratelimit-reset-requests": "1.000s"}
     assert [retry_after(s) for s in (0.01, 1.0, 1.2, 20.0)] == ["1", "1", "2", "20"]
+
+
+def test_a_request_of_k_choices_costs_k_and_a_refused_one_costs_nothing():
+    clock = Clock()
+    limiter = RateLimiter(RateLimitSettings(requests_per_minute=6), clock)
+    assert limiter.acquire("alice", cost=4).remaining == 2
+    with pytest.raises(RateLimited) as err:
+        limiter.acquire("alice", cost=3)
+    assert err.value.retry_after_s == pytest.approx(10.0)  # 6/min: the missing one refills in 10 s
+    assert limiter.acquire("alice", cost=2).remaining == 0  # the refusal spent nothing
