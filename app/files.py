@@ -1,8 +1,10 @@
 """Uploaded files (/v1/files): JSONL training data, validated line by line, stored atomically."""
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +36,7 @@ class FileStore:
         self.root = Path(storage_root).resolve() / "files"
         self.max_files_per_tenant = max_files_per_tenant
         self.max_bytes_per_tenant = max_bytes_per_tenant
+        self._owner_locks: dict[str | None, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def _path(self, file_id: str, suffix: str) -> Path:
         if not file_id.startswith("file-") or not file_id[5:].isalnum() or len(file_id) > 64:
@@ -62,7 +65,6 @@ class FileStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            self._check_quota(owner, size)
             with tmp.open("rb") as f:
                 try:
                     rows = validate_lines(f, filename or "upload")
@@ -70,8 +72,15 @@ class FileStore:
                     raise InvalidRequest(str(exc), param="file", code="invalid_file") from None
             obj = FileObject(id=f"file-{uuid.uuid4().hex[:24]}", bytes=size, created_at=int(time.time()),
                              filename=Path(filename or "upload.jsonl").name, purpose=purpose, rows=rows, owner=owner)
-            os.replace(tmp, self._path(obj.id, ".jsonl"))
-            atomic_write(self._path(obj.id, ".json"), obj.model_dump_json())  # the file exists once this does
+            with self._owner_locks[owner]:  # one Router replica's parallel uploads cannot pass the quota together
+                self._check_quota(owner, size)
+                data = self._path(obj.id, ".jsonl")
+                os.replace(tmp, data)
+                try:
+                    atomic_write(self._path(obj.id, ".json"), obj.model_dump_json())  # the file exists once this does
+                except BaseException:
+                    data.unlink(missing_ok=True)
+                    raise
             return obj
         finally:
             tmp.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmaas.app.errors import InvalidRequest, NotFound
+from llmaas.app.errors import InvalidRequest, NotFound, RateLimited
 from llmaas.app.registry import BaseModelInfo
 from llmaas.app.registry_service import actor_name, get_registry_service
 from llmaas.training.config import FineTuneJob, JobResources
@@ -164,7 +164,16 @@ class JobRunner:
                 self.store.add_event(record.id, "error", "the service restarted while this job was pending")
                 self.store.update(record.id, status="failed", error="interrupted: the job runner restarted")
 
-    def submit(self, record: JobRecord, job: FineTuneJob, on_success: RegisterOnSuccess) -> JobRecord:
+    def submit(self, record: JobRecord, job: FineTuneJob, on_success: RegisterOnSuccess,
+               max_active: int | None = None) -> JobRecord:
+        """Queues a job. The per-tenant cap is checked here, in the one runner actor, so the count and the new
+        record are one step: a burst of concurrent creates cannot pass it together."""
+        if max_active is not None:
+            active = [r for r in self.store.list() if r.owner == record.owner and r.status not in TERMINAL]
+            if len(active) >= max_active:  # fine-tuning cannot take the cluster
+                raise RateLimited(f"{len(active)} fine-tuning jobs are already queued or running (at most "
+                                  f"{max_active} at once); retry when one finishes", retry_after_s=60.0,
+                                  param="model", code="too_many_jobs")
         self.store.save(record)
         self.store.add_event(record.id, "status", "job queued")
         task = ray.remote(num_cpus=0, max_retries=0)(_run_job_task)

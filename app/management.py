@@ -6,7 +6,7 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmaas.app.errors import InvalidRequest, NotFound, RateLimited
+from llmaas.app.errors import InvalidRequest, NotFound
 from llmaas.app.files import FileObject, FileStore
 from llmaas.app.finetuning import (
     FineTuningJobObject,
@@ -21,7 +21,7 @@ from llmaas.app.finetuning import (
 from llmaas.app.registry import BaseModelInfo, RegistryState, check_owner, parse_model_id, validate_name
 from llmaas.app.registry_service import get_registry_service
 from llmaas.training.config import JobResources
-from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
+from llmaas.training.store import JobRecord, JobStore, new_job_id
 
 
 class RegisterAdapterRequest(BaseModel):
@@ -72,16 +72,11 @@ class Management:
         # the adapter name is checked now, not after an hour of training: valid, and the tenant's to publish to
         validate_name(job.name, param="suffix")
         check_owner(await self.registry.snapshot.remote(), job.name, owner, param="suffix")
-        active = [r for r in self.jobs.list() if r.owner == owner and r.status not in TERMINAL]
-        if len(active) >= self.max_jobs_per_tenant:  # fine-tuning cannot take the cluster
-            raise RateLimited(f"{len(active)} fine-tuning jobs are already queued or running (at most "
-                              f"{self.max_jobs_per_tenant} at once); retry when one finishes", retry_after_s=60.0,
-                              param="model", code="too_many_jobs")
         record = JobRecord(id=job_id, job=job.model_dump(mode="json"), owner=owner,
                            api={"model": req.model, "training_file": req.training_file,
                                 "validation_file": req.validation_file, "metadata": req.metadata})
         on_success = RegisterOnSuccess(str(self.storage_root), self.base_info, owner)
-        await self.runner.submit.remote(record, job, on_success)
+        await self.runner.submit.remote(record, job, on_success, self.max_jobs_per_tenant)
         return job_object(record)
 
     def _record(self, job_id: str, owner: str | None) -> JobRecord:

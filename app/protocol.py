@@ -11,11 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from llmaas.deployments.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS
+from llmaas.deployments.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS, MIN_SEED
 
 # Bounds of the API's numbers: the engine's limits (one place, imported) plus the API's own, so every value is
 # checked before any model time and nothing a client sends can overflow a tensor or a generator.
-MIN_SEED = -(1 << 63)  # an int64, as OpenAI's seed; seed + choice index then stays within the engine's range
 MAX_STOP_CHARS = 256  # per stop string
 MAX_N = 128  # hard ceiling; the operator's max_n / max_choices are usually far lower
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
@@ -46,6 +45,7 @@ class _SamplingFields(BaseModel):
     stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | \
         list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
             None, description="Up to 4 strings that end the completion.")
+    # an int64, as OpenAI's seed: seed + choice index then stays within the engine's (uint64) range
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_INT64, description="Makes sampling reproducible.")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from every generated token.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted per occurrence in the output.")

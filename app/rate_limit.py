@@ -57,12 +57,17 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str | None, _Bucket] = {}
 
+    def capacity(self, tenant: str | None) -> float | None:
+        """The most a request of ``tenant`` can ever spend (its bucket's size); None: unlimited."""
+        return self.settings.limit_for(tenant)
+
     def acquire(self, tenant: str | None, cost: float = 1.0) -> Budget | None:
         """Spends ``cost`` requests of ``tenant``'s budget (a request of n choices costs n); raises RateLimited
         when that much is not left. None: unlimited."""
         rpm = self.settings.limit_for(tenant)
         if rpm is None:
             return None
+        cost = min(cost, rpm)  # a request bigger than the whole bucket waits for a full one, not forever
         now, rate = self.clock(), rpm / 60.0
         bucket = self._buckets.get(tenant)
         if bucket is None:

@@ -136,6 +136,12 @@ class Registry:
             state.generation += 1
             atomic_write(self.file, state.model_dump_json(indent=2))
 
+    def restamp(self, above: int) -> None:
+        """Moves the generation past ``above``: after a registry file is restored from a backup its generation is
+        older than what Routers have seen, and generations must only grow for them to take the new state."""
+        with self._edit() as state:
+            state.generation = max(state.generation, above)  # _edit adds one
+
     def adapter_dir(self, name: str, version: int) -> Path:
         """The version's directory, guaranteed to resolve inside the storage root."""
         validate_name(name)
@@ -150,9 +156,10 @@ class Registry:
         """Copies a PEFT LoRA dir in as the next version of ``name``; returns 'name@v'."""
         validate_name(name)
         src = Path(src)
+        check_adapter(src, base)  # the source, for a clear 400 (missing files, pickle, shapes) before any copy
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
-            # Copy first, then validate the copy: what is published is exactly what was checked.
+            # Then copy, and validate the copy again: what is published is exactly what was checked.
             for f in ADAPTER_FILES[:2]:
                 shutil.copyfile(src / f, staging / f)  # copies content: a symlink in src cannot leak out
             meta = dict(metadata or {})

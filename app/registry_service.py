@@ -38,6 +38,9 @@ class RegistryService:
         return self.state
 
     async def wait_for_change(self, generation: int, timeout_s: float = 30.0) -> RegistryState:
+        if generation > self.state.generation:  # the caller saw a later registry: the file was restored
+            self.registry.restamp(generation)
+            self._publish()
         if self.state.generation != generation:
             return self.state
         try:

@@ -283,16 +283,21 @@ class Router:
         self._watcher = asyncio.get_running_loop().create_task(loop())
 
     def _set_state(self, state: RegistryState) -> None:
-        # The registry actor is the one writer: take what it says, also a generation that went backwards (a
-        # restored registry file), which the long poll would otherwise return at once, forever.
-        self.catalog.state = state
+        # Generations only grow (the registry actor restamps a restored, older file past what Routers saw), so a
+        # late answer of an earlier poll never overwrites a newer state.
+        if state.generation >= self.catalog.state.generation:
+            self.catalog.state = state
 
     def _charge_choices(self, request: Request, who: Principal, choices: int) -> None:
         """The rate limit counts choices, not requests: the gate spent one, a request of k choices spends k - 1
         more (one above max_choices is refused after this and costs no more than the cap)."""
-        extra = min(choices, self.serving.limits.max_choices) - 1
-        if extra > 0 and getattr(request.state, "budget", None) is not None:
-            request.state.budget = api.state.gate.limiter.acquire(who.tenant, cost=extra)
+        limiter = api.state.gate.limiter
+        capacity = limiter.capacity(who.tenant)
+        if capacity is None or getattr(request.state, "budget", None) is None:
+            return
+        extra = min(choices, self.serving.limits.max_choices, capacity) - 1  # never more than a bucket holds
+        if extra > 0:
+            request.state.budget = limiter.acquire(who.tenant, cost=extra)
 
     # ----- HTTP: inference -----
     @api.get("/health")

@@ -225,10 +225,11 @@ def cancel_job(store: JobStore, job_id: str, ref: Any | None) -> JobRecord:
     if record.status in TERMINAL:
         return record
     # Cancellation and publication are ordered by one compare-and-set on the record: whichever comes first wins.
-    claimed = store.update_if(job_id, lambda r: r.status not in TERMINAL and not r.publishing, cancel_requested=True)
-    if claimed is None:
+    claimed = store.update_if(job_id, lambda r: r.status not in TERMINAL and not r.publishing
+                              and not r.cancel_requested, cancel_requested=True)
+    if claimed is None:  # publication won, or another cancel is already stopping it
         record = store.get(job_id)
-        if record.status not in TERMINAL:
+        if record.publishing and record.status not in TERMINAL:
             store.add_event(job_id, "status", "cancel refused: the job is already publishing its adapter")
         return record
     if ref is not None:

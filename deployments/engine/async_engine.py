@@ -52,7 +52,7 @@ class AsyncLLMEngine:
     # ----- asyncio side -----
     def _ensure_started(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error!r}")
+            raise _dead(self.error)
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="llmaas-engine", daemon=True)
@@ -64,7 +64,7 @@ class AsyncLLMEngine:
         future = asyncio.get_running_loop().create_future()
         with self._lock:
             if self.error is not None:  # the loop died after the check above: nobody would settle it
-                raise EngineDeadError(f"engine loop died: {self.error!r}")
+                raise _dead(self.error)
             self._inbox_calls.append((fn, future))
         self._wake.set()
         return await future
@@ -95,7 +95,7 @@ class AsyncLLMEngine:
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         with self._lock:
             if self.error is not None:  # the loop died after the check above: nobody would answer
-                raise EngineDeadError(f"engine loop died: {self.error!r}")
+                raise _dead(self.error)
             self._streams[request_id] = queue
             self._inbox_add.append((request_id, list(prompt_token_ids), params, lora, cache_salt))
         self._wake.set()
@@ -123,7 +123,7 @@ class AsyncLLMEngine:
 
     def check_health(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error!r}")
+            raise _dead(self.error)
         if self._thread is not None and not self._thread.is_alive() and not self._stopped:
             raise EngineDeadError("engine loop thread is not running")
 
@@ -146,7 +146,7 @@ class AsyncLLMEngine:
 
     def _fail_all(self, exc: BaseException, calls: list[tuple[Callable[[], Any], asyncio.Future]]) -> None:
         """Every caller hears of the death at once: open streams and queued calls (adapter loads) alike."""
-        dead = EngineDeadError(f"engine loop died: {exc!r}")
+        dead = _dead(exc)
         for queue in list(self._streams.values()):
             queue.put_nowait(dead)
         for _fn, future in calls:
@@ -196,6 +196,10 @@ class AsyncLLMEngine:
                 self.error = exc
                 calls, self._inbox_calls = self._inbox_calls, []
             self._loop.call_soon_threadsafe(self._fail_all, exc, calls)
+
+
+def _dead(error: BaseException | None) -> EngineDeadError:
+    return EngineDeadError(f"engine loop died: {error!r}")
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -93,27 +93,34 @@ class ModelRunner:
             seq.num_computed_tokens += num
         if not sample_rows:
             return {}, {}
-        last = hidden[torch.tensor(last_token, device=device)]  # [R, hidden]
+        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V], shared
         sampled = [batch.seqs[r] for r in sample_rows]
+        penalized = any(s.params.penalized for s in sampled)  # penalties edit logits in place: keep the original
+        states = {s.request_id: g.get_state() for s in sampled if (g := self._generators.get(s.request_id))}
         try:
             for seq in sampled:
                 if check is not None:
                     check("sampling", seq)
-            results = self._sample(self.model.compute_logits(last), sampled)
+            results = self._sample(logits.clone() if penalized else logits, sampled)
             return dict(zip(sample_rows, results)), {}
         except Exception:
             pass
-        # One row's data failed the batched sampler: sample row by row (fresh logits: penalties edit them
-        # in place), so the fault stays with its request and every other row gets the token it would have.
+        # The batched sampler failed: sample row by row from the same logits and random state, so a fault of one
+        # row's data stays with its request and every other row gets the token it would have. A fault every row
+        # meets is the step's own (device): raised, so the loop fails loudly and the replica is replaced.
+        for request_id, state in states.items():
+            self._generators[request_id].set_state(state)
         out: dict[int, tuple[int, TokenLogprob | None]] = {}
         failures: dict[int, Exception] = {}
         for j, (row, seq) in enumerate(zip(sample_rows, sampled)):
             try:
                 if check is not None:
                     check("sampling", seq)
-                out[row] = self._sample(self.model.compute_logits(last[j:j + 1]), [seq])[0]
+                out[row] = self._sample(logits[j:j + 1].clone(), [seq])[0]
             except Exception as exc:
                 failures[row] = exc
+        if len(sampled) > 1 and not out:
+            raise next(iter(failures.values()))
         return out, failures
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:

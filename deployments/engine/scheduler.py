@@ -30,6 +30,9 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+MAX_SLOT_WAITS = 32  # steps a request may be passed by others while it waits for a LoRA slot
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, slots: SlotTable | None = None) -> None:
         self.config = config
@@ -86,12 +89,18 @@ class Scheduler:
                 budget -= num
         # Waiting sequences, FCFS: a head that lacks KV blocks blocks the rest until it fits. One whose adapter
         # cannot get a LoRA slot (every slot pinned) keeps its place but lets the others pass: base requests and
-        # requests for adapters already in slots are never held up behind another tenant's adapter.
+        # requests for adapters already in slots are not held up behind another tenant's adapter. Once it has
+        # waited MAX_SLOT_WAITS steps, later adapter requests wait too (base ones still pass), so the pins drain
+        # and it gets a slot: no starvation under steady traffic to the resident adapters.
         inflight: set[int] | None = None  # hashes of blocks this batch completes (built on first need)
         no_slot: list[Sequence] = []
+        starved = False
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.lora is not None and not self.slots.can_acquire(seq.lora):
+            if seq.lora is not None and (starved or not self.slots.can_acquire(seq.lora)):
+                if not self.slots.can_acquire(seq.lora):
+                    seq.slot_waits += 1
+                    starved |= seq.slot_waits > MAX_SLOT_WAITS
                 no_slot.append(self.waiting.popleft())
                 continue
             self.block_manager.match_prefix(seq)  # cached leading blocks count as computed

@@ -37,6 +37,7 @@ class Sequence:
     lora: str | None = None  # adapter name; None runs the base model
     lora_slot: int | None = None  # pool slot while running with an adapter
     cache_salt: str | None = None  # prefix-cache partition (e.g. the tenant): blocks are reused only within it
+    slot_waits: int = 0  # steps this request waited for a LoRA slot (every slot pinned)
 
     @property
     def num_prompt_tokens(self) -> int:

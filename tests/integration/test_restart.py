@@ -27,7 +27,8 @@ def restart_setup(ray_cluster, app_args, tmp_path_factory):
 
 def test_a_registry_restored_to_an_older_generation_is_taken(restart_setup, tiny_chat_dir, ray_cluster, tmp_path):
     """An operator restores registry.json from a backup (its generation is lower than what Routers saw): the
-    Routers take it at once instead of ignoring it (and long-polling in a hot loop)."""
+    registry moves its generation past theirs and they take the restored state, instead of ignoring it (and
+    long-polling in a hot loop)."""
     from transformers import AutoModelForCausalLM
 
     from tests.integration.conftest import wait_until

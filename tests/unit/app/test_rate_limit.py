@@ -72,3 +72,15 @@ def test_a_request_of_k_choices_costs_k_and_a_refused_one_costs_nothing():
         limiter.acquire("alice", cost=3)
     assert err.value.retry_after_s == pytest.approx(10.0)  # 6/min: the missing one refills in 10 s
     assert limiter.acquire("alice", cost=2).remaining == 0  # the refusal spent nothing
+
+
+def test_a_request_bigger_than_the_bucket_waits_for_a_full_bucket_not_forever():
+    clock = Clock()
+    limiter = RateLimiter(RateLimitSettings(tenants={"trial": 3}), clock)
+    assert limiter.capacity("trial") == 3 and limiter.capacity("other") is None
+    assert limiter.acquire("trial", cost=8).remaining == 0  # n=8 on a 3-per-minute tenant: the whole bucket
+    with pytest.raises(RateLimited) as err:
+        limiter.acquire("trial", cost=8)
+    assert err.value.retry_after_s == pytest.approx(60.0)  # a full bucket again in a minute, then it passes
+    clock.now += 60.0
+    assert limiter.acquire("trial", cost=8) is not None

@@ -108,6 +108,52 @@ def test_a_fault_in_one_request_fails_only_that_request(setup, stage, after_call
     engine.shutdown()
 
 
+def test_a_fault_after_the_draw_leaves_seeded_batch_mates_on_their_stream(setup, monkeypatch):
+    """The victim's logprobs fail after the batched draw advanced every seeded generator: the row-by-row retry
+    restores the random state first, so the seeded batch-mate still gets exactly its tokens."""
+    from llmaas.deployments.engine import model_runner
+
+    real = model_runner.pick_logprobs
+
+    def pick(logprobs, tokens, params):
+        if any(p.logprobs == 2 for p in params):  # the victim's marker
+            raise FloatingPointError("injected after the draw")
+        return real(logprobs, tokens, params)
+
+    victim = ([3, 1, 4, 1, 5], SamplingParams(max_tokens=24, temperature=0.5, seed=7, logprobs=2, ignore_eos=True),
+              None)
+    clean, engine = make(setup), make(setup)
+
+    async def scenario():
+        expected = await run_all(clean, with_victim=False)
+        monkeypatch.setattr(model_runner, "pick_logprobs", pick)
+        requests = dict(GOOD, victim=victim)
+        got = await asyncio.gather(*(collect(engine, rid, *req) for rid, req in requests.items()))
+        return expected, dict(zip(requests, got))
+
+    expected, got = asyncio.run(scenario())
+    assert isinstance(got.pop("victim"), RequestFailedError)
+    assert got == expected
+    clean.shutdown()
+    engine.shutdown()
+
+
+def test_a_sampling_fault_every_row_meets_is_the_steps_own(setup):
+    """Not a 400 for each request: a fault every row of a batch meets is the device's, raised out of the step (the
+    async front then fails every caller with 503 and health fails, so Serve replaces the replica)."""
+    engine = make(setup).engine  # stepped here, so the four requests surely share one batch
+    for request_id, (prompt, params, lora) in GOOD.items():
+        engine.add_request(request_id, prompt, params, lora)
+
+    def device_fault(stage: str, request_id: str) -> None:
+        if stage == "sampling":
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    engine.fault_hook = device_fault
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        engine.step()
+
+
 def test_a_fault_of_the_shared_step_fails_everyone_at_once(setup):
     engine = make(setup)
 

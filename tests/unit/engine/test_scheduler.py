@@ -126,3 +126,41 @@ def test_a_request_waiting_for_a_lora_slot_does_not_hold_up_others():
     for q in (a, a2):
         s.finish(q)
     assert [q.request_id for q in s.schedule().seqs] == ["2", "1"]  # the slot drained: "b" is next
+
+
+def test_a_request_waiting_for_a_lora_slot_is_not_starved_by_steady_traffic():
+    """Requests for the resident adapter keep arriving, each running two steps, so its slot is never unpinned;
+    after MAX_SLOT_WAITS steps they wait too (base requests still run), the pins drain and "b" gets the slot."""
+    from llmaas.deployments.engine.scheduler import MAX_SLOT_WAITS
+
+    cfg = EngineConfig(max_model_len=64, num_kv_blocks=256, block_size=4, max_num_batched_tokens=64, max_num_seqs=8,
+                       max_loras=1)
+    s = Scheduler(cfg, BlockManager(256, 4))
+    arrivals = iter(range(10_000))
+    since: dict[str, int] = {}
+
+    def add_lora(lora: str | None) -> Sequence:
+        i = next(arrivals)
+        seq = Sequence(str(i), list(range(1000 * i, 1000 * i + 4)), SamplingParams(), arrival=i, lora=lora)
+        s.add(seq)
+        return seq
+
+    first = add_lora("a")
+    run(s, s.schedule())
+    since[first.request_id] = -1
+    b, admitted_b = add_lora("b"), None
+    for step in range(MAX_SLOT_WAITS + 10):
+        add_lora("a")  # steady traffic to the resident adapter
+        base = add_lora(None)
+        batch = s.schedule()
+        run(s, batch)
+        assert base in batch.seqs  # base requests are never held up
+        if b in batch.seqs:
+            admitted_b = step
+            break
+        for seq in batch.seqs:
+            since.setdefault(seq.request_id, step)
+        for seq in list(s.running):
+            if since[seq.request_id] < step:  # ran two steps: done, its pin released
+                s.finish(seq)
+    assert admitted_b is not None and MAX_SLOT_WAITS <= admitted_b <= MAX_SLOT_WAITS + 3, admitted_b

@@ -13,7 +13,6 @@ from llmaas.training.store import JobRecord, JobStore
 
 def test_a_cancel_racing_the_publish_claim_never_both_win(tmp_path):
     store = JobStore(tmp_path)
-    outcomes = set()
     for i in range(40):
         job_id = f"ftjob-race-{i}"
         store.save(JobRecord(id=job_id, job={}, status="running"))
@@ -32,9 +31,7 @@ def test_a_cancel_racing_the_publish_claim_never_both_win(tmp_path):
             t.start()
         for t in threads:
             t.join()
-        assert won["publish"] != won["cancel"], won  # exactly one of them
-        outcomes.add("publish" if won["publish"] else "cancel")
-    assert outcomes  # (which one wins each round is up to the scheduler)
+        assert won["publish"] != won["cancel"], won  # exactly one of them (which one is up to the scheduler)
 
 
 @pytest.fixture
