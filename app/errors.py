@@ -19,12 +19,16 @@ class APIError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def __reduce__(self):  # keeps param/code when crossing Ray process boundaries
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+    def __reduce__(self):  # keeps param/code (and a subclass's extra fields) when crossing Ray process boundaries
+        return (_rebuild, (type(self), self.message, self.param, self.code, self._extra()))
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
 
 
-def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | None) -> APIError:
-    return cls(message, param=param, code=code)
+def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | None,
+             extra: dict[str, Any] | None = None) -> APIError:
+    return cls(message, param=param, code=code, **(extra or {}))
 
 
 class InvalidRequest(APIError):
@@ -68,6 +72,9 @@ class RateLimited(APIError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
+
+    def _extra(self) -> dict[str, Any]:
+        return {"retry_after_s": self.retry_after_s}
 
 
 class ServiceUnavailable(APIError):

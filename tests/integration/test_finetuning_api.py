@@ -55,6 +55,9 @@ def test_upload_finetune_and_chat_with_the_new_version(client, training_file, ti
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     kinds = {e.type for e in events}
     assert {"metrics", "checkpoint", "eval", "registered"} <= kinds
+    plans = [e for e in events if e.type == "resources"]  # no finetuning settings in the app: auto
+    assert len(plans) == 1 and plans[0].data["num_workers"] == 2  # the default two workers, sharing free CPUs
+    assert 0.1 <= plans[0].data["cpus_per_worker"] <= 1.0
     assert job.id in {j.id for j in client.fine_tuning.jobs.list().data}
 
     r = client.chat.completions.create(model=done.fine_tuned_model, messages=REVIEW, max_tokens=6, temperature=0)
@@ -117,17 +120,6 @@ def test_a_tenant_has_at_most_max_jobs_per_tenant_at_once(client, training_file)
             assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     job = create("cap-d")  # cancelled jobs no longer count
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-
-
-def test_api_job_plans_its_workers_from_what_is_free(client, training_file):
-    """No finetuning settings in the app: auto, two workers sharing the free CPUs; the plan is in the events."""
-    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, suffix="planned",
-                                         hyperparameters={"n_epochs": 1}, extra_body={"llmaas": EXT})
-    done = wait_for(client, job.id)
-    assert done.status == "succeeded", done.error
-    plans = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "resources"]
-    assert len(plans) == 1 and plans[0].data["num_workers"] == 2  # auto: the default two workers
-    assert 0.1 <= plans[0].data["cpus_per_worker"] <= 1.0
 
 
 @pytest.mark.parametrize("content, status, fragment", [

@@ -84,3 +84,10 @@ def test_a_request_bigger_than_the_bucket_waits_for_a_full_bucket_not_forever():
     assert err.value.retry_after_s == pytest.approx(60.0)  # a full bucket again in a minute, then it passes
     clock.now += 60.0
     assert limiter.acquire("trial", cost=8) is not None
+
+
+def test_a_429_raised_in_another_ray_process_keeps_its_retry_after():
+    import pickle  # what Ray does to an exception raised in an actor (the JobRunner's job cap)
+
+    err = pickle.loads(pickle.dumps(RateLimited("busy", retry_after_s=60.0, param="model", code="too_many_jobs")))
+    assert (err.retry_after_s, err.param, err.code, err.status_code) == (60.0, "model", "too_many_jobs", 429)
