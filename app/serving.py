@@ -280,7 +280,9 @@ class OpenAIServing:
             return hit.model_copy(update={"id": new_id(prefix), "created": int(time.time())})
         rid = new_id(prefix)
         rows, usage = await self._collect(rid, prep)
-        response = build(rid, list(enumerate(rows)), usage)
+        # a worker thread: with logprobs a response holds up to max_choices x max_tokens x 21 entries, whose
+        # detokenizing and model building would stall every other stream on this Router's event loop
+        response = await asyncio.to_thread(build, rid, list(enumerate(rows)), usage)
         self.cache.put(key, response)
         return response
 
