@@ -81,8 +81,8 @@ def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) 
         store.add_event(job_id, "status", f"job succeeded: {record.adapter_dir}")
         return store.update(job_id, status="succeeded")
     except Exception as exc:  # the record must say why, whatever failed
-        if store.get(job_id).cancel_requested:
-            return store.get(job_id)  # the training run was aborted by a cancel: not a failure
+        if (current := store.get(job_id)).cancel_requested:
+            return current  # the training run was aborted by a cancel: not a failure
         message = str(exc) if isinstance(exc, (DataError, JobError, ResourcesUnavailable)) else \
             f"{type(exc).__name__}: {exc}"
         code = ERROR_CODES.get(type(exc), "job_failed")
