@@ -12,15 +12,10 @@ from llmaas.app.protocol import MAX_N
 from llmaas.app.serving import RequestLimits
 from llmaas.app.rate_limit import RateLimitSettings
 from llmaas.deployments.engine import EngineConfig
+from llmaas.deployments.engine.dtype_probe import fastest_cpu_dtype
 from llmaas.training.config import JobResources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 GEMMs run ~4x the fp32 rate (oneDNN); without them bf16 is emulated, slower."""
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(probe is not None and probe() for probe in probes)
 
 
 class ModelSettings(BaseModel):
@@ -44,8 +39,9 @@ class EngineSettings(BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when a GPU is visible.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 on GPU and on CPUs with native bf16 math (AVX512-BF16 or AMX), "
-                            "else float32. float32 gives token-exact parity with transformers in float32.")
+        "auto", description="'auto': bfloat16 on GPU; on CPU whichever of bfloat16 / float32 a GEMM probe measures "
+                            "faster at startup (bf16 only when >= 1.2x). float32 gives token-exact parity with "
+                            "transformers in float32.")
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together in one step.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per step (decodes + prefill chunks).")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
@@ -68,7 +64,9 @@ class EngineSettings(BaseModel):
     def resolved_dtype(self, device: str) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
+        if device == "cuda":
+            return "bfloat16"
+        return "bfloat16" if fastest_cpu_dtype(torch.get_num_threads()) == torch.bfloat16 else "float32"
 
     def to_engine_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]) -> EngineConfig:
         device = self.resolved_device()

@@ -69,12 +69,14 @@ class RateLimited(APIError):
     status_code = 429
     type = "requests"  # what OpenAI's request-rate 429 says
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs) -> None:
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, headers: dict[str, str] | None = None,
+                 **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}  # the bucket's x-ratelimit-* headers, when a rate limit said no
 
     def _extra(self) -> dict[str, Any]:
-        return {"retry_after_s": self.retry_after_s}
+        return {"retry_after_s": self.retry_after_s, "headers": self.headers}
 
 
 class ServiceUnavailable(APIError):

@@ -78,9 +78,13 @@ class RateLimiter:
             wait = (cost - bucket.tokens) / rate
             raise RateLimited(f"rate limit reached: {rpm:g} requests (choices) per minute for this tenant; this "
                               f"request needs {cost:g}; retry in {wait:.1f} s", code="rate_limit_exceeded",
-                              retry_after_s=wait)
+                              retry_after_s=wait, headers=budget_headers(self._budget(rpm, bucket)))
         bucket.tokens -= cost
-        return Budget(limit=int(rpm), remaining=int(bucket.tokens), reset_s=(rpm - bucket.tokens) / rate)
+        return self._budget(rpm, bucket)
+
+    @staticmethod
+    def _budget(rpm: float, bucket: _Bucket) -> Budget:
+        return Budget(limit=int(rpm), remaining=int(bucket.tokens), reset_s=(rpm - bucket.tokens) / (rpm / 60.0))
 
 
 def budget_headers(budget: Budget) -> dict[str, str]:

@@ -11,9 +11,11 @@
 Cases: ours (continuous batching, paged KV) vs HF ``generate()`` eager, batched and
 padded, same dtype; with --adapters N, ours with N distinct LoRA adapters mixed in one
 batch vs ours base-only, and PEFT multi-adapter generate as a peer. Every request
-generates exactly gen-tokens (EOS ignored). Runs without Ray: only torch,
-transformers, peft (the GPU box's stack); run from the repo root as
-``python -m benchmarks.engine_throughput`` when llmaas is not installed.
+generates exactly gen-tokens (EOS ignored). Every side is loaded and warmed on the whole
+workload first, then the sides take turns for --repeats rounds (prompts shifted each
+round); tok/s is each side's median (range beside it), ratios are median / median.
+Runs without Ray: only torch, transformers, peft (the GPU box's stack); run from the
+repo root as ``python -m benchmarks.engine_throughput`` when llmaas is not installed.
 """
 from __future__ import annotations
 
@@ -23,15 +25,15 @@ import gc
 import os
 import random
 import tempfile
-import time
+from collections.abc import Callable
 
 import torch
 
 try:  # installed package, or the bare repo on a GPU box
-    from llmaas.benchmarks.common import print_table, save
+    from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
     from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
 except ImportError:  # pragma: no cover
-    from benchmarks.common import print_table, save
+    from benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
     from deployments.engine import EngineConfig, LLMEngine, SamplingParams
 
 CONFIGS = {  # real shapes, random weights: nothing is downloaded
@@ -80,46 +82,44 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts, args, loras=None, adapters=()) -> float:
+def ours_side(model, prompts, args, loras=None, adapters=()) -> Callable[[int], float]:
+    """Our engine as a side of interleave(): one generate() over every prompt (shifted per round) per call."""
+    # KV sized to the workload on every device: all sides stay loaded at once for interleaved rounds, so the
+    # engine must not take a share of all free GPU memory.
     cfg = EngineConfig(max_model_len=args.prompt_tokens + args.gen_tokens + 16, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_batched_tokens, dtype=DTYPES[args.dtype], device=args.device,
-                       num_kv_blocks=None if args.device.startswith("cuda") else
-                       (len(prompts) * (args.prompt_tokens + args.gen_tokens)) // 16 + 64,
+                       num_kv_blocks=(len(prompts) * (args.prompt_tokens + args.gen_tokens)) // 16 + 64,
                        max_loras=max(1, len(adapters)), max_lora_rank=args.lora_rank)
     engine = LLMEngine(model, cfg)
     for i, path in enumerate(adapters):
         engine.add_lora(f"a{i}", path)
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
-    # Warm-up at the measured shapes (as the HF peers get), on other prompts so the prefix cache cannot help.
     vocab = model.config.vocab_size
-    engine.generate([[(t + 7) % (vocab - 1) + 1 for t in p] for p in prompts], params, loras)
-    sync(args.device)
-    t = time.perf_counter()
-    outs = engine.generate(prompts, params, loras)
-    sync(args.device)
-    dt = time.perf_counter() - t
-    assert all(len(o) == args.gen_tokens for o in outs)
-    return len(prompts) * args.gen_tokens / dt
+
+    def run(r: int) -> None:
+        outs = engine.generate([shift(p, r, vocab) for p in prompts], params, loras)
+        short = sum(len(o) != args.gen_tokens for o in outs)
+        if short:
+            raise RuntimeError(f"{short} of {len(outs)} requests did not generate {args.gen_tokens} tokens")
+    return timed(run, len(prompts) * args.gen_tokens, lambda: sync(args.device))
 
 
-@torch.inference_mode()
-def run_hf(model, prompts, args, batch_size: int, static: bool = False) -> float:
-    """HF generate on equal-length batches: eager dynamic cache, or static cache (which transformers compiles
-    with torch.compile on its own when the device supports it)."""
-    extra = {"cache_implementation": "static"} if static else {}
+def hf_side(model, prompts, args, batch_size: int, adapter_names: list[str] | None = None,
+            **generate_kwargs) -> Callable[[int], float]:
+    """HF generate (or PEFT's, given a PeftModel and an adapter name per prompt) on equal-length batches (no
+    padding needed) as a side of interleave(). ``cache_implementation="static"`` makes transformers compile it on
+    its own where the device supports it; the warm-up round compiles every batch shape the measured rounds use."""
+    vocab = model.config.vocab_size
 
-    def go(batch):
-        ids = torch.tensor(batch, device=args.device)
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
-                       min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **extra)
-
-    go(prompts[:batch_size])  # warm-up (and, for static, compilation) at the measured batch shape
-    sync(args.device)
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        go(prompts[i:i + batch_size])  # equal prompt lengths: no padding is needed
-    sync(args.device)
-    return len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+    @torch.inference_mode()
+    def run(r: int) -> None:
+        for i in range(0, len(prompts), batch_size):
+            ids = torch.tensor([shift(p, r, vocab) for p in prompts[i:i + batch_size]], device=args.device)
+            if adapter_names:
+                generate_kwargs["adapter_names"] = adapter_names[i:i + batch_size]
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
+                           min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0, **generate_kwargs)
+    return timed(run, len(prompts) * args.gen_tokens, lambda: sync(args.device))
 
 
 def make_adapters(model, n: int, rank: int, out_dir) -> list[str]:
@@ -152,9 +152,9 @@ def make_adapters(model, n: int, rank: int, out_dir) -> list[str]:
     return paths
 
 
-@torch.inference_mode()
-def run_peft(model, prompts, args, adapters, batch_size: int) -> float:
-    """PEFT's mixed-batch LoRA inference (``adapter_names=`` per row) through HF generate."""
+def peft_side(model, prompts, args, adapters, batch_size: int) -> Callable[[int], float]:
+    """PEFT's mixed-batch LoRA inference (``adapter_names=`` per row) through HF generate, on a copy of the model
+    (PEFT wraps the modules in place; ours shares the originals)."""
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), adapters[0], adapter_name="a0")
@@ -162,14 +162,7 @@ def run_peft(model, prompts, args, adapters, batch_size: int) -> float:
         peft_model.load_adapter(path, adapter_name=f"a{i}")
     peft_model = peft_model.to(args.device, DTYPES[args.dtype]).eval()
     names = [f"a{i % len(adapters)}" for i in range(len(prompts))]
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        ids = torch.tensor(prompts[i:i + batch_size], device=args.device)
-        peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
-                            min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0,
-                            adapter_names=names[i:i + batch_size])
-    sync(args.device)
-    return len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+    return hf_side(peft_model, prompts, args, batch_size, adapter_names=names)
 
 
 # Every GPU target of the engine issue in one process (one device session): 1B base, then 8B base + 8 adapters.
@@ -189,7 +182,7 @@ def free_memory(device: str) -> None:
 
 
 def run_case(args) -> list[dict]:
-    """Ours vs the peers on one model and workload; returns table rows."""
+    """Ours vs the peers on one model and workload, in interleaved rounds; returns table rows."""
     model = build_model(args)
     if args.model:
         model = model.to(args.device, DTYPES[args.dtype]).eval()
@@ -198,32 +191,24 @@ def run_case(args) -> list[dict]:
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
     hf_batch = args.hf_batch or args.requests
     label = f"{args.model or args.config} {args.requests}x{args.prompt_tokens}/{args.gen_tokens}"
-    rows = []
-    ours = run_ours(model, prompts, args)
-    free_memory(args.device)
-    hf = run_hf(model, prompts, args, hf_batch)
-    rows.append({"case": f"{label} base", "ours_tok_s": ours, "peer": f"HF generate eager (batch {hf_batch})",
-                 "peer_tok_s": hf, "ratio": ours / hf})
-    if args.static_peer:
-        free_memory(args.device)
-        hf_static = run_hf(model, prompts, args, hf_batch, static=True)
-        rows.append({"case": f"{label} base", "ours_tok_s": ours,
-                     "peer": f"HF generate static cache (batch {hf_batch})", "peer_tok_s": hf_static,
-                     "ratio": ours / hf_static})
-    if args.adapters:
-        with tempfile.TemporaryDirectory() as d:
+    eager, static = f"HF generate eager (batch {hf_batch})", f"HF generate static cache (batch {hf_batch})"
+    peft, mixed = f"PEFT generate adapter_names (batch {hf_batch})", f"{args.adapters} adapters mixed"
+    with tempfile.TemporaryDirectory() as d:
+        sides = {"ours": ours_side(model, prompts, args), eager: hf_side(model, prompts, args, hf_batch)}
+        if args.static_peer:
+            sides[static] = hf_side(model, prompts, args, hf_batch, cache_implementation="static")
+        if args.adapters:
             paths = make_adapters(model, args.adapters, args.lora_rank, d)
             loras = [f"a{i % args.adapters}" for i in range(len(prompts))]
-            free_memory(args.device)
-            mixed = run_ours(model, prompts, args, loras, paths)
-            case = f"{label} {args.adapters} adapters mixed"
-            rows.append({"case": case, "ours_tok_s": mixed, "peer": "ours base-only", "peer_tok_s": ours,
-                         "ratio": mixed / ours})
-            free_memory(args.device)
-            peft = run_peft(model, prompts, args, paths, hf_batch)
-            rows.append({"case": case, "ours_tok_s": mixed, "peer": f"PEFT generate adapter_names (batch {hf_batch})",
-                         "peer_tok_s": peft, "ratio": mixed / peft})
-    del model
+            sides[mixed] = ours_side(model, prompts, args, loras, paths)
+            sides[peft] = peft_side(model, prompts, args, paths, hf_batch)
+        runs = interleave(sides, args.repeats)
+    rows = [versus(f"{label} base", runs["ours"], peer, runs[peer]) for peer in (eager, static) if peer in runs]
+    if args.adapters:
+        case = f"{label} {mixed}"
+        rows += [versus(case, runs[mixed], "ours base-only", runs["ours"]),
+                 versus(case, runs[mixed], peft, runs[peft])]
+    del model, sides
     free_memory(args.device)
     return rows
 
@@ -245,6 +230,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--static-peer", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                    help="also measure HF static-cache (compiled) generate; default on with CUDA")
+    add_repeats(p)
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
     p.add_argument("--suite", choices=sorted(SUITES), default=None,
                    help="run every case of a suite in one go (gpu: the issue's targets; cpu-smoke: its CPU rehearsal)")
@@ -261,11 +247,12 @@ def main() -> None:
         for overrides in SUITES[args.suite]:
             case = copy.copy(args)
             vars(case).update(overrides, model=None)
-            rows += run_case(case)
-            print_table(rows[-1:], ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])  # progress
+            case_rows = run_case(case)
+            print_versus(case_rows, args.repeats)  # progress
+            rows += case_rows
     else:
         rows = run_case(args)
-    print_table(rows, ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])
+    print_versus(rows, args.repeats)
     if not args.no_save:
         name = "engine_throughput" + ("_quick" if args.quick else "") + (f"_{args.suite}" if args.suite else "") \
             + (f"_{args.tag}" if args.tag else "")

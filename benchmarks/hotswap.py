@@ -1,24 +1,28 @@
 """Hot-swap under steady load: time from an alias move to the first token from the new version.
 
-    python -m llmaas.benchmarks.hotswap --clients 4 --moves 6 --window 4
+    python -m llmaas.benchmarks.hotswap --clients 4 --moves 6 --window 8
 
 Serves the default model with two LoRA adapter versions (random PEFT adapters, r=8,
 all projections) of one name, keeps N streaming clients busy on the alias, moves the
 alias back and forth, and reports p50/p99 of move -> first token of the new version
 (it includes a whole request's TTFT, printed beside it for comparison),
 throughput during the swaps vs before them, and failed requests (must be 0).
-Saves benchmarks/results/hotswap.{json,png}.
+The clients warm up first: the run starts once as many requests as there are clients
+have finished (the cold start), so the "before" window is a warm steady state. Every
+request sent is counted, warm-up and last-second ones included: the run ends only when
+all of them have. Saves benchmarks/results/hotswap.{json,png}.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import collections
+import math
 import tempfile
 import time
 from dataclasses import dataclass
 
-from llmaas.benchmarks.common import RESULTS, percentile, print_table, save
+from llmaas.benchmarks.common import RESULTS, failure, percentile, print_table, save, stream_chunks
 
 
 @dataclass
@@ -27,60 +31,54 @@ class Req:
     model: str = ""
     first_token: float | None = None
     tokens: int = 0
-    ok: bool = False
+    error: str | None = None  # why it failed; None: it finished
     end: float = 0.0
 
 
-async def client_loop(url: str, stop_at: float, log: list[Req], max_tokens: int) -> None:
-    import httpx
-
-    body = {"model": "hs", "messages": [{"role": "user", "content": "Tell me about the sea."}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    async with httpx.AsyncClient(timeout=120) as http:
-        while time.perf_counter() < stop_at:
-            req = Req(time.perf_counter())
-            log.append(req)
-            try:
-                async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-                    if r.status_code != 200:
-                        continue
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            break
-                        req.model = chunk["model"]
-                        if chunk.get("usage"):
-                            req.tokens = chunk["usage"]["completion_tokens"]
-                            req.ok = True
-                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and \
-                                req.first_token is None:
-                            req.first_token = time.perf_counter()
-            except Exception:
-                req.ok = False
-            req.end = time.perf_counter()
+async def one_request(http, url: str, body: dict) -> Req:
+    req = Req(time.perf_counter())
+    try:
+        async for chunk in stream_chunks(http, f"{url}/v1/chat/completions", body):
+            req.model = chunk["model"]
+            if chunk.get("usage"):
+                req.tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and req.first_token is None:
+                req.first_token = time.perf_counter()
+    except Exception as exc:  # transport errors, failure answers, malformed events: all counted
+        req.error = failure(exc)
+    req.end = time.perf_counter()
+    return req
 
 
 async def run(url: str, args) -> tuple[list[Req], list[tuple[float, str]], float]:
+    """Returns every request (warm-up included), the moves (time, new version) and the measured run's start."""
     import httpx
 
     log: list[Req] = []
     moves: list[tuple[float, str]] = []
-    start = time.perf_counter()
-    total = args.window * (args.moves + 1)
-    clients = [asyncio.create_task(client_loop(url, start + total, log, args.max_tokens))
-               for _ in range(args.clients)]
-    async with httpx.AsyncClient(timeout=60) as http:
+    stop_at = math.inf  # set once the clients are warm
+    body = {"model": "hs", "messages": [{"role": "user", "content": "Tell me about the sea."}],
+            "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    async def client(http) -> None:
+        while time.perf_counter() < stop_at:
+            log.append(await one_request(http, url, body))
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        clients = [asyncio.create_task(client(http)) for _ in range(args.clients)]
+        while len(log) < args.clients:  # the cold start: first adapter load, first batches
+            await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        stop_at = start + args.window * (args.moves + 1)
         for i in range(args.moves):
             await asyncio.sleep(args.window)
             target = 2 if i % 2 == 0 else 1
             t = time.perf_counter()
-            r = await http.post(f"{url}/v1/adapters/hs/promote", json={"version": target})
+            r = await http.post(f"{url}/v1/adapters/hs/promote", json={"version": target}, timeout=60)
             r.raise_for_status()
             moves.append((t, f"hs@{target}"))
-    await asyncio.gather(*clients)
+        await asyncio.gather(*clients)  # every request in flight at stop_at finishes and is counted
     return log, moves, start
 
 
@@ -119,46 +117,56 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
+    row, errors, delays = summarize(log, moves, start, args.window)
+    print_table([row], list(row))
+    print("failures:", dict(errors) or "none")
+    path = save("hotswap", {"args": vars(args), "row": row, "delays_s": delays, "errors": dict(errors)})
+    plot(log, moves, start)
+    print("saved", path)
+
+
+def summarize(log: list[Req], moves: list[tuple[float, str]], start: float, window: float):
+    """The result row, the failures by reason, and the move -> first-token-of-new-version delays."""
     delays = []
     for t, version in moves:
         firsts = [r.first_token for r in log if r.model == version and r.start >= t and r.first_token]
         if firsts:
             delays.append(min(firsts) - t)
-    done = [r for r in log if r.ok]
-    failed = [r for r in log if not r.ok and r.start < start + args.window * (args.moves + 1) - 1]
+    done = [r for r in log if r.error is None]
+    errors = collections.Counter(r.error for r in log if r.error is not None)
 
     def tok_s(t0: float, t1: float) -> float:
         """Tokens of the requests that finished in [t0, t1), per second."""
         return sum(r.tokens for r in done if t0 <= r.end < t1) / (t1 - t0)
 
     before = tok_s(start, moves[0][0])
-    during = [tok_s(t, t + args.window) for t, _ in moves]
-    ttft = [r.first_token - r.start for r in done if r.first_token]
+    during = sum(tok_s(t, t + window) for t, _ in moves) / len(moves)
+    ttft = [r.first_token - r.start for r in done if r.first_token and r.start >= start]
     row = {"moves": len(moves), "move_to_new_version_p50_ms": percentile(delays, 50) * 1e3,
            "move_to_new_version_p99_ms": percentile(delays, 99) * 1e3,
            "ttft_p50_ms_all_requests": percentile(ttft, 50) * 1e3, "tok_s_before": before,
-           "tok_s_during_swaps": sum(during) / len(during), "ratio": (sum(during) / len(during)) / before,
-           "requests": len(log), "failed": len(failed)}
-    print_table([row], list(row))
-    path = save("hotswap", {"args": vars(args), "row": row, "delays_s": delays})
+           "tok_s_during_swaps": during, "ratio": during / before, "requests": len(log),
+           "warmup_requests": sum(r.start < start for r in log), "failed": sum(errors.values())}
+    return row, errors, delays
+
+
+def plot(log: list[Req], moves: list[tuple[float, str]], start: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3))
-    for version, color in (("hs@1", "tab:blue"), ("hs@2", "tab:orange")):
-        pts = [(r.first_token - start, 1 if version == "hs@1" else 2) for r in done if r.model == version]
-        ax.scatter([x for x, _ in pts], [y for _, y in pts], s=6, color=color, label=version)
+    for y, (version, color) in enumerate((("hs@1", "tab:blue"), ("hs@2", "tab:orange")), start=1):
+        xs = [r.first_token - start for r in log if r.error is None and r.model == version and r.first_token]
+        ax.scatter(xs, [y] * len(xs), s=6, color=color, label=version)
     for t, _ in moves:
         ax.axvline(t - start, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("seconds (dashed: alias moves)")
+    ax.set_xlabel("seconds (dashed: alias moves; before 0: warm-up)")
     ax.set_yticks([1, 2], ["hs@1", "hs@2"])
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(RESULTS / "hotswap.png", dpi=100)
-    print("saved", path)
-
 
 if __name__ == "__main__":
     main()

@@ -7,36 +7,22 @@ Peers in the same run: HF ``generate()`` (batch 1, same dtype) and, when ``llama
 is importable, llama.cpp on the default model's own GGUF file (the one our safetensors
 copy is converted from; it is Q4_1, so llama.cpp streams ~4x fewer weight bytes per
 token than bf16 does — on a memory-bound single stream that is most of the gap).
-Each is warmed once at the measured shape, then timed over ``--reps`` runs (best kept).
+Every side is warmed at the measured shape, then the sides take turns for ``--repeats``
+rounds (a new prompt of the same length each round); each side's median and range are
+reported, and ratios are median / median.
 Speed = generated tokens / wall time of the whole request (prefill included).
 """
 from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
-from llmaas.benchmarks.common import print_table, save
+from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
 from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def best_rate(fn, tokens: int, reps: int) -> float:
-    fn(0)  # warm-up at the measured shape
-    best = float("inf")
-    for r in range(1, reps + 1):
-        t = time.perf_counter()
-        fn(r)
-        best = min(best, time.perf_counter() - t)
-    return tokens / best
-
-
-def shifted(prompt: list[int], r: int, vocab: int) -> list[int]:
-    """A different prompt of the same length per run: no prefix-cache or KV reuse between runs."""
-    return [(t + 13 * r) % (vocab - 1) + 1 for t in prompt]
 
 
 def main() -> None:
@@ -45,7 +31,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
+    add_repeats(p)
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,28 +42,23 @@ def main() -> None:
     from llmaas.app.model_source import _default_gguf, resolve_model
 
     path = resolve_model(ModelSettings()).path
-    vocab = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
+    vocab = hf_model.config.vocab_size
     prompt = [random.Random(0).randrange(1, vocab) for _ in range(args.prompt_tokens)]
     n = args.gen_tokens
-    rows = []
 
     engine = LLMEngine(AutoModelForCausalLM.from_pretrained(path), EngineConfig(
         max_model_len=args.prompt_tokens + n + 16, dtype=DTYPES[args.dtype], num_kv_blocks=64))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    ours = best_rate(lambda r: engine.generate([shifted(prompt, r, vocab)], params), n, args.reps)
-    del engine
-
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
 
     @torch.inference_mode()
     def hf(r: int) -> None:
-        ids = torch.tensor([shifted(prompt, r, vocab)])
+        ids = torch.tensor([shift(prompt, r, vocab)])
         hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)
 
-    hf_rate = best_rate(hf, n, args.reps)
-    rows.append({"case": f"single stream {args.dtype}", "ours_tok_s": ours, "peer": "HF generate (batch 1)",
-                 "peer_tok_s": hf_rate, "ratio": ours / hf_rate})
+    sides = {"ours": timed(lambda r: engine.generate([shift(prompt, r, vocab)], params), n),
+             "HF generate (batch 1)": timed(hf, n)}
     try:
         import llama_cpp
     except ImportError:
@@ -89,15 +70,15 @@ def main() -> None:
 
         def cpp(r: int) -> None:
             llm.reset()
-            for i, _ in enumerate(llm.generate(shifted(prompt, r, vocab), top_k=1, temp=0.0, reset=True)):
+            for i, _ in enumerate(llm.generate(shift(prompt, r, vocab), top_k=1, temp=0.0, reset=True)):
                 if i + 1 == n:
                     break
 
-        cpp_rate = best_rate(cpp, n, args.reps)
-        rows.append({"case": f"single stream {args.dtype}", "ours_tok_s": ours,
-                     "peer": f"llama.cpp {llama_cpp.__version__} ({gguf.name})", "peer_tok_s": cpp_rate,
-                     "ratio": ours / cpp_rate})
-    print_table(rows, ["case", "ours_tok_s", "peer", "peer_tok_s", "ratio"])
+        sides[f"llama.cpp {llama_cpp.__version__} ({gguf.name})"] = timed(cpp, n)
+    runs = interleave(sides, args.repeats)
+    ours = runs.pop("ours")
+    rows = [versus(f"single stream {args.dtype}", ours, peer, theirs) for peer, theirs in runs.items()]
+    print_versus(rows, args.repeats)
     if not args.no_save:
         print("saved", save("single_stream", {"args": vars(args), "rows": rows}))
 

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -161,7 +162,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 def _api_error_response(exc: APIError) -> JSONResponse:
     headers = None
     if isinstance(exc, RateLimited):
-        headers = {"Retry-After": retry_after(exc.retry_after_s)}
+        headers = {**exc.headers, "Retry-After": retry_after(exc.retry_after_s)}
     elif exc.status_code in (429, 503):
         headers = {"Retry-After": "1"}  # overload: come back soon
     return JSONResponse(status_code=exc.status_code, content=exc.to_dict(), headers=headers)
@@ -178,15 +179,25 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), type_, code="body_too_large" if exc.status_code == 413 else None)
 
 
-@api.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+def _as_api_error(exc: BaseException) -> APIError | None:
+    """What the client is told of a failure from below: our own errors as they are, Ray's named ones as 503s."""
     inner = unwrap(exc)
     if isinstance(inner, APIError):
-        return _api_error_response(inner)
+        return inner
+    if isinstance(inner, RayActorError):  # the model replica running this request died (node lost, OOM, kill)
+        return ServiceUnavailable("the model replica running this request died; retry", code="replica_died")
     if type(inner).__name__ == "BackPressureError":  # a downstream deployment's queue is full
-        return _api_error_response(ServiceUnavailable("the model stage is overloaded; retry shortly"))
+        return ServiceUnavailable("the model stage is overloaded; retry shortly")
+    return None
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    err = _as_api_error(exc)
+    if err is not None:
+        return _api_error_response(err)
     logger.exception("unhandled error", exc_info=exc)
-    return _error(500, f"internal error: {type(inner).__name__}", "internal_error")
+    return _error(500, f"internal error: {type(unwrap(exc)).__name__}", "internal_error")
 
 
 def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
@@ -195,10 +206,10 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
             async for c in chunks:
                 yield f"data: {c.model_dump_json(exclude_none=False)}\n\n"
         except Exception as exc:  # headers are gone: report in-band, as OpenAI does
-            inner = unwrap(exc)
-            err = inner if isinstance(inner, APIError) else APIError(f"internal error: {type(inner).__name__}")
-            if not isinstance(inner, APIError):
+            err = _as_api_error(exc)
+            if err is None:
                 logger.exception("stream failed", exc_info=exc)
+                err = APIError(f"internal error: {type(unwrap(exc)).__name__}")
             yield f"data: {json.dumps(err.to_dict())}\n\n"
         yield "data: [DONE]\n\n"
 

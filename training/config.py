@@ -79,7 +79,10 @@ class FineTuneJob(JobResources):
                                description="Where checkpoints, adapters and job records are written.")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     fault_injection_step: int | None = Field(
-        None, ge=1, description="Drills: worker rank 1 (or 0 when alone) raises once at this optimizer step.")
+        None, ge=1, description="Drills: worker rank 1's process (rank 0 when alone) is killed once at this "
+                                "optimizer step; the job resumes from its last checkpoint.")
+    trace_rows: bool = Field(False, description="Drills: every worker logs the rows of each micro-batch it trains "
+                                                "(`rows` events), so a test can prove each row is seen once per epoch.")
 
     @field_validator("name")
     @classmethod

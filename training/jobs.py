@@ -102,7 +102,6 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     from llmaas.training.recipe import train_loop_per_worker
 
     started = time.time()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer's own bar is the one to read
     base = resolve_model(ModelSettings(source=job.base_model, cache_dir=job.cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     free = free_resources()
@@ -117,12 +116,13 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
             on_wait=lambda message: _say(store, job_id, "resources", message))
     rows_per_worker = len(train) // job.num_workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size) // job.grad_accum)
-    dataset = ray.data.from_items([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
+    rows = ray.put([(e.input_ids, e.labels) for e in train])  # once in the object store; workers deal by rank
     job_dir = store.dir(job_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": json.loads(job.model_dump_json()), "base_path": base.path,
                            "pad_id": tokenizer.pad_token_id or 0, "steps_per_epoch": steps_per_epoch,
+                           "train_rows": rows,
                            "events_path": str(store.events_path(job_id)),
                            "fault_marker": str(job_dir / "fault_injected")},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=job.use_gpu,
@@ -133,7 +133,6 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
                              failure_config=FailureConfig(max_failures=job.max_failures,
                                                           controller_failure_limit=CONTROLLER_RETRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset},
     )
     result = trainer.fit()
     if result.error is not None:

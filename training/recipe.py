@@ -4,11 +4,19 @@ LoRA (Hu et al., 2021) via PEFT on the served base model: ``W0 x + (alpha / r) B
 with W0 frozen. DDP over the workers (gloo on CPU, NCCL on GPU) through
 ``ray.train.torch.prepare_model``; checkpoints each epoch (and every K steps) through
 ``ray.train.report`` so a lost worker resumes from the last one.
+
+Data: the tokenized rows arrive once through the object store; each epoch deals one
+seeded permutation of them round-robin to the workers. The plan is a pure function of
+(seed, epoch, rank), so a resumed attempt skips exactly the micro-batches its
+checkpoint already trained: every row is trained once per epoch, kill or no kill.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +48,7 @@ class LoRAFineTuneRecipe:
         import ray.train
 
         self.job = FineTuneJob.model_validate(config["job"])
+        self.rows: list[tuple[list[int], list[int]]] = ray.get(config["train_rows"])  # (input_ids, labels)
         self.base_path: str = config["base_path"]
         self.pad_id: int = config["pad_id"]
         self.steps_per_epoch: int = config["steps_per_epoch"]
@@ -63,6 +72,7 @@ class LoRAFineTuneRecipe:
                 self.state = load_checkpoint(Path(d), self.peft_model, self.optimizer)
             self._event("resumed", f"resumed from checkpoint at step {self.state.global_step}",
                         {"step": self.state.global_step})
+        self.resumed_from = self.state.global_step  # 0 for a fresh start: names this attempt in `rows` events
 
     def _setup_model(self) -> None:
         import ray.train.torch
@@ -87,6 +97,20 @@ class LoRAFineTuneRecipe:
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
 
+    # ----- data -----
+    def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        """Every worker's micro-batches of ``epoch`` (row indices), by rank: one seeded permutation per epoch,
+        dealt round-robin, each worker cut to the same number of micro-batches (DDP steps in lockstep)."""
+        job = self.job
+        order = list(range(len(self.rows)))
+        random.Random(f"{job.seed}:{epoch}").shuffle(order)
+        micro = self.steps_per_epoch * job.grad_accum
+        plan = []
+        for rank in range(self.world):
+            mine = order[rank::self.world][:len(self.rows) // self.world]
+            plan.append([mine[i:i + job.batch_size] for i in range(0, len(mine), job.batch_size)][:micro])
+        return plan
+
     # ----- loop -----
     def train(self) -> None:
         import ray.train
@@ -96,7 +120,6 @@ class LoRAFineTuneRecipe:
                     all_ranks=True)
         job = self.job
         total = self.steps_per_epoch * job.epochs
-        shard = ray.train.get_dataset_shard("train")
         bar = None
         if self.rank == 0:
             from ray.experimental.tqdm_ray import tqdm
@@ -108,21 +131,22 @@ class LoRAFineTuneRecipe:
         tokens_at_start = self.state.tokens_seen
         for epoch in range(self.state.epoch, job.epochs):
             self.model.train()
-            micro, losses = 0, []
-            skip = self.state.step_in_epoch * job.grad_accum if epoch == self.state.epoch else 0
-            batches = shard.iter_batches(batch_size=job.batch_size, batch_format="numpy")
-            for i, batch in enumerate(batches):
-                if i < skip:
-                    continue  # already trained on before the checkpoint we resumed from
-                if self.state.step_in_epoch >= self.steps_per_epoch:
-                    break  # equal step counts on every worker keep DDP in lockstep
+            plan, losses = self._epoch_plan(epoch), []
+            first = self.state.step_in_epoch * job.grad_accum if epoch == self.state.epoch else 0
+            for i in range(first, len(plan[self.rank])):  # from the first micro-batch the checkpoint has not seen
+                rows = plan[self.rank][i]
+                if job.trace_rows:
+                    self._event("rows", f"rank {self.rank} micro-batch {i}", {
+                        "epoch": epoch, "step": self.state.global_step + 1, "rank": self.rank, "rows": rows,
+                        "attempt_from": self.resumed_from}, all_ranks=True)
+                batch = {"input_ids": [self.rows[r][0] for r in rows], "labels": [self.rows[r][1] for r in rows]}
                 ids, labels, mask = (t.to(device) for t in pad_batch(batch, self.pad_id))
                 loss = self._loss_step(ids, labels, mask) / job.grad_accum
                 loss.backward()
                 losses.append(loss.item() * job.grad_accum)
-                self.state.tokens_seen += int(mask.sum()) * self.world
-                micro += 1
-                if micro % job.grad_accum:
+                # every worker's tokens of this micro-batch index (the plan is known to all), not ours x world
+                self.state.tokens_seen += sum(len(self.rows[r][0]) for p in plan if i < len(p) for r in p[i])
+                if (i + 1) % job.grad_accum:
                     continue
                 self._optimizer_step(total)
                 self._maybe_inject_fault()
@@ -158,7 +182,10 @@ class LoRAFineTuneRecipe:
             return
         if not self.fault_marker.exists():
             self.fault_marker.write_text(str(step))
-            raise RuntimeError(f"injected fault at step {step} (fault_injection_step)")
+            # Ray Train's controller takes reported checkpoints when it polls the workers (every 2 s): waiting
+            # past a poll makes the drill deterministic, the kill lands after the last checkpoint was taken.
+            time.sleep(5)
+            os.kill(os.getpid(), signal.SIGKILL)  # a dead process, as a lost node or the OOM killer leaves it
 
     def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
         import ray.train

@@ -128,9 +128,12 @@ class AsyncLLMEngine:
             raise EngineDeadError("engine loop thread is not running")
 
     def stats(self) -> dict[str, float]:
-        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_cache_usage": self.engine.block_manager.usage, "adapters": len(self.engine.lora_names()),
-                "adapter_loads": self.adapter_loads, "prefix_cached_tokens": self.engine.block_manager.num_cached_tokens}
+        engine, blocks = self.engine, self.engine.block_manager
+        return {"running": engine.num_running, "waiting": engine.num_waiting, "kv_cache_usage": blocks.usage,
+                "free_blocks": blocks.num_free_blocks, "total_blocks": blocks.num_blocks,
+                "prefix_cached_tokens": blocks.num_cached_tokens, "adapters": len(engine.lora_names()),
+                "adapter_loads": self.adapter_loads, "requests_admitted": engine.num_admitted,
+                "requests_aborted": engine.num_aborted}
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -170,8 +173,6 @@ class AsyncLLMEngine:
                     aborts, self._inbox_abort = self._inbox_abort, []
                     calls, self._inbox_calls = self._inbox_calls, []
                     self._wake.clear()
-                for fn, future in calls:
-                    self._run_call(fn, future)
                 for request_id in aborts:
                     self.engine.abort_request(request_id)
                 for request_id, prompt, params, lora, salt in adds:
@@ -182,6 +183,10 @@ class AsyncLLMEngine:
                     except Exception as exc:  # one request's data (or a raced twin id): that stream, not the loop
                         failed = exc if isinstance(exc, InvalidRequestError) else RequestFailedError(str(exc))
                         self._loop.call_soon_threadsafe(self._deliver, request_id, failed)
+                # Calls after adds: a request queued with its adapter's lease in hand is running before an
+                # eviction queued in the same pass can remove that adapter (which then waits for it).
+                for fn, future in calls:
+                    self._run_call(fn, future)
                 for name in list(self._pending_removals):
                     if self.engine.remove_lora(name):
                         self._pending_removals.discard(name)

@@ -69,6 +69,8 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._adapters: dict[str, AdapterWeights] = {}  # registered adapters (host copies), by name
         self.fault_hook: FaultHook | None = None  # test-only seam: called at each per-request stage
+        self.num_admitted = 0  # requests accepted by add_request since start
+        self.num_aborted = 0  # of those, ended by abort_request (client gone, timeout, drain)
 
     @property
     def vocab_size(self) -> int:
@@ -124,6 +126,7 @@ class LLMEngine:
             raise _failed("admission", exc) from exc
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+        self.num_admitted += 1
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -131,6 +134,7 @@ class LLMEngine:
             return False
         seq.finish_reason = FinishReason.ABORT
         self._forget(seq)
+        self.num_aborted += 1
         return True
 
     def has_unfinished(self) -> bool:

@@ -55,11 +55,15 @@ class CausalLM(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.layers[0].self_attn.scaling
         param = next(hf_model.parameters())
+        # Tables in float32, rounded once to the model's dtype. Casting the model to bf16 also rounds the rotary
+        # module's inv_freq buffer, and position x a rounded frequency drifts (SmolLM2: cos off by 1.1 at
+        # position 1000); a fresh module recomputes inv_freq from the config in float32, with the config's scaling.
+        rotary = type(hf_model.model.rotary_emb)(cfg).to(param.device)
         positions = torch.arange(max_model_len, device=param.device)[None]  # [1, max_len]
         with torch.no_grad():
-            cos, sin = hf_model.model.rotary_emb(param, positions)  # [1, max_len, D] each
-        self.register_buffer("cos", cos[0], persistent=False)  # [max_len, D]
-        self.register_buffer("sin", sin[0], persistent=False)  # [max_len, D]
+            cos, sin = rotary(torch.empty(0, device=param.device), positions)  # [1, max_len, D] each, float32
+        self.register_buffer("cos", cos[0].to(param.dtype), persistent=False)  # [max_len, D]
+        self.register_buffer("sin", sin[0].to(param.dtype), persistent=False)  # [max_len, D]
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-targetable projection."""

@@ -37,6 +37,36 @@ def live_train_actors() -> dict[str, str]:
             if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "RayTrainWorker")}
 
 
+def engine_stats(app: str, replicas: int = 1, tries: int = 20) -> dict[str, dict]:
+    """Engine stats of each LLMServer replica of ``app``, by replica id (a handle call lands on a random one)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        # calls in flight together: Serve's router sends the next one to the less busy replica, so all are reached
+        for stats in [r.result() for r in [handle.stats.remote() for _ in range(4 * replicas)]]:
+            seen[stats["replica"]] = stats
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
+def assert_aborted_and_freed(app: str, before: dict[str, dict], aborted: int, within: float) -> None:
+    """Within ``within`` seconds every replica of ``app`` is idle with all KV blocks free, and the engines
+    aborted exactly ``aborted`` requests since ``before`` (an engine_stats snapshot): a request that ran to its
+    end instead of being aborted fails this, whatever the window."""
+    def idle() -> dict[str, dict] | None:
+        now = engine_stats(app, len(before))
+        return now if all(s["running"] == s["waiting"] == 0 for s in now.values()) else None
+
+    now = wait_until(idle, within, every=0.05) or engine_stats(app, len(before))
+    assert all(s["running"] == s["waiting"] == 0 for s in now.values()), now
+    assert all(s["free_blocks"] == s["total_blocks"] for s in now.values()), now
+    count = sum(s["requests_aborted"] for s in now.values()) - sum(s["requests_aborted"] for s in before.values())
+    assert count == aborted, (count, now)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -61,7 +91,8 @@ def app_args(tiny_chat_dir, storage_root) -> dict:
     return {"model": {"source": str(tiny_chat_dir), "served_name": "tiny-chat"},
             # float32: the parity tests compare served tokens and logprobs with transformers in float32
             "engine": {"torch_threads": 1, "max_num_seqs": 16, "kv_cache_memory_gb": 0.05, "dtype": "float32"},
-            "storage_root": str(storage_root), "max_upload_mb": 1, "response_cache_size": 256}
+            # the response cache stays off here: every answer comes from the engine (test_response_cache turns it on)
+            "storage_root": str(storage_root), "max_upload_mb": 1, "response_cache_size": 0}
 
 
 @pytest.fixture(scope="session")

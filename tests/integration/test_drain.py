@@ -1,6 +1,7 @@
 """Graceful drain: in-flight streams finish when their replicas are scaled down, replaced or shut down."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 import threading
@@ -14,13 +15,14 @@ from llmaas.app.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
+from tests.integration.conftest import assert_aborted_and_freed, engine_stats, wait_until
 
 MSG = [{"role": "user", "content": "hi"}]
-TOKENS = 500
+TOKENS = 1200  # tens of seconds per stream: still running when a replica is STOPPING (asserted)
 
 
 def _app(cfg: AppConfig, model_replicas: int):
-    drain = {"graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 0.5}
+    drain = {"graceful_shutdown_timeout_s": 300, "graceful_shutdown_wait_loop_s": 0.5}  # > the longest stream, loaded
     return Router.options(**drain).bind(
         Tokenizer.options(**drain).bind(cfg),
         LLMServer.options(num_replicas=model_replicas, ray_actor_options={"num_cpus": 0.5}, **drain).bind(cfg), cfg)
@@ -80,27 +82,48 @@ def long_app(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
 
 def test_client_hanging_up_on_a_non_streaming_request_frees_the_engine(long_app):
     _, url = long_app
-    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1500, "ignore_eos": True, "n": 2}
-    with pytest.raises(httpx.ReadTimeout):  # gives up long before 2 x 1500 tokens (or the 600 s timeout)
+    before = engine_stats("drain-app", replicas=2)
+    assert len(before) == 2  # both replicas' counters: the request may land on either
+    body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):  # gives up long before 2 x 1900 tokens (or the 600 s timeout)
         httpx.post(url, json=body, timeout=1.0)
-    hung_up = time.monotonic()
-    while _busy_replicas("drain-app", tries=10):
-        assert time.monotonic() - hung_up < 2.0, "the engine still runs a request nobody waits for"
-        time.sleep(0.05)
+    assert_aborted_and_freed("drain-app", before, aborted=2, within=2.0)  # both choices, blocks back
+
+
+def test_client_hanging_up_mid_stream_frees_the_engine(long_app):
+    _, url = long_app
+    before = engine_stats("drain-app", replicas=2)
+    assert len(before) == 2  # both replicas' counters: the request may land on either
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+            async with c.stream("POST", url, json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                        break  # a real token arrived: hang up now
+
+    asyncio.run(go())
+    assert_aborted_and_freed("drain-app", before, aborted=1, within=2.0)
+
+
+def model_replicas() -> dict:
+    return dict(serve.status().applications["drain-app"].deployments["LLMServer"].replica_states)
 
 
 def test_in_flight_streams_finish_through_scale_down_and_shutdown(long_app):
     cfg, url = long_app
-    with cf.ThreadPoolExecutor(6) as pool:
+    with cf.ThreadPoolExecutor(7) as pool:
         started = [threading.Event() for _ in range(6)]
         futures = [pool.submit(_stream, url, ev) for ev in started]
         assert all(ev.wait(60) for ev in started)
         busy = _busy_replicas("drain-app")
         assert busy
-        serve.run(_app(cfg, 1), name="drain-app", route_prefix="/drain")  # scale 2 -> 1 (replicas replaced)
+        redeploy = pool.submit(serve.run, _app(cfg, 1), name="drain-app", route_prefix="/drain")  # 2 -> 1, new
+        assert wait_until(lambda: "STOPPING" in model_replicas(), 60, every=0.1), model_replicas()
+        assert not any(f.done() for f in futures)  # a replica is being stopped under streams still running
+        redeploy.result(timeout=180)
         _assert_completed([f.result(timeout=120) for f in futures])
-    def model_replicas() -> dict:
-        return dict(serve.status().applications["drain-app"].deployments["LLMServer"].replica_states)
 
     deadline = time.monotonic() + 60
     while model_replicas() != {"RUNNING": 1}:  # the old replicas are gone, one new one runs
@@ -114,4 +137,6 @@ def test_in_flight_streams_finish_through_scale_down_and_shutdown(long_app):
         futures = [pool.submit(_stream, url, ev) for ev in started]
         assert all(ev.wait(60) for ev in started)
         serve.delete("drain-app", _blocking=False)
+        time.sleep(1.0)
+        assert not any(f.done() for f in futures)  # deleting did not cut them
         _assert_completed([f.result(timeout=120) for f in futures])

@@ -73,20 +73,38 @@ def test_two_worker_job_learns_and_adapter_serves_like_peft(ray_cluster, tiny_ch
     assert got[0] == expected
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_chat_dir, data_files, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint_and_trains_every_row_once_per_epoch(
+        ray_cluster, tiny_chat_dir, data_files, tmp_path):
     from llmaas.training.jobs import run_job
     from llmaas.training.store import JobStore
 
-    # 4 steps per epoch: checkpoints at steps 3, 4 (epoch end) and 6; rank 1 raises at step 7.
-    job = make_job(tiny_chat_dir, data_files, tmp_path, checkpoint_every_steps=3, fault_injection_step=7,
-                   eval={"metrics": ["loss"]})
+    # 64 rows, 2 workers, micro-batches of 4, 2 per step: 4 steps per epoch; checkpoints at steps 3, 4 (epoch
+    # end) and 6; rank 1's process is SIGKILLed right after step 7.
+    job = make_job(tiny_chat_dir, data_files, tmp_path, batch_size=4, grad_accum=2, checkpoint_every_steps=3,
+                   fault_injection_step=7, trace_rows=True, eval={"metrics": ["loss"]})
     record = run_job(job, "ftjob-test-fault")
     assert record.status == "succeeded", record.error
     events = JobStore(tmp_path).events("ftjob-test-fault")
     resumed = [e["data"]["step"] for e in events if e["type"] == "resumed"]
-    assert resumed == [6]  # the last checkpoint before the fault, not a restart from 0
+    assert resumed == [6]  # the last checkpoint before the kill (mid-epoch), not a restart from 0
+    assert sum(e["type"] == "worker" for e in events) == 4  # 2 workers, started twice
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8]  # rank 0 logged step 7 before rank 1 failed; only 7 is redone
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8]  # rank 0 logged step 7 before rank 1 died; only 7 is redone
+
+    # What the final adapter was trained on: each attempt's micro-batches (every worker tags its attempt with the
+    # checkpoint step it started from) up to the step the next attempt resumed from.
+    logged = [e["data"] for e in events if e["type"] == "rows"]
+    starts = sorted({t["attempt_from"] for t in logged})
+    assert starts == [0, 6]
+    trained = [t for t in logged if t["attempt_from"] == 6 or t["step"] <= 6]
+    for epoch in (0, 1):
+        rows = sorted(r for t in trained if t["epoch"] == epoch for r in t["rows"])
+        assert rows == list(range(64)), f"epoch {epoch}: a row trained twice or never"
+    orders = [[r for t in trained if t["epoch"] == epoch and t["rank"] == 0 for r in t["rows"]] for epoch in (0, 1)]
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+    checkpoints = [p for p in (tmp_path / "ray_runs").rglob("*") if p.is_file() and "checkpoint_" in str(p)]
+    assert checkpoints and {p.suffix for p in checkpoints} <= {".safetensors", ".json"}, checkpoints  # no pickle
     outputs = list((tmp_path / "outputs").iterdir())
     assert [p.name for p in outputs] == ["ftjob-test-fault"]  # published once
 

@@ -1,8 +1,8 @@
 """Auth and tenants, input limits, hostile input, client disconnects, backpressure."""
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
+import json
 import threading
 import time
 
@@ -77,6 +77,56 @@ def test_tenants_see_only_their_own(auth_url, tiny_chat_dir, tmp_path):
     assert "alices" not in bob_models and "base" in bob_models
     alice_models = {m["id"] for m in httpx.get(f"{auth_url}/v1/models", headers=h("alice"), timeout=30).json()["data"]}
     assert {"alices", "alices@1"} <= alice_models
+
+
+def test_every_tenant_owned_route_refuses_another_tenant(auth_url, tiny_chat_dir, tmp_path):
+    """Alice's file, job and adapter, tried by bob on every route that names one (read from /openapi.json, so a
+    new route is tried too): never a 2xx, and afterwards all of alice's objects are as they were."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import make_peft_adapter
+
+    rows = b'{"prompt": "a", "completion": "b"}\n' * 16
+    f = httpx.post(f"{auth_url}/v1/files", headers=h("alice"), files={"file": ("t.jsonl", rows)},
+                   data={"purpose": "fine-tune"}, timeout=30).json()
+    job = httpx.post(f"{auth_url}/v1/fine_tuning/jobs", headers=h("alice"), timeout=30,
+                     json={"model": "base", "training_file": f["id"], "suffix": "alices-job",
+                           "hyperparameters": {"n_epochs": 50}}).json()
+    adapter = make_peft_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), tmp_path / "a", seed=6)
+    body = {"name": "alices-adapter", "path": adapter, "promote": True, "owner": "alice"}
+    assert httpx.post(f"{auth_url}/v1/adapters", headers=h("admin"), json=body, timeout=60).status_code == 200
+    ids = {"{file_id}": f["id"], "{job_id}": job["id"], "{name}": "alices-adapter", "{model}": "alices-adapter@1"}
+
+    def alices() -> list:
+        def get(path: str):
+            r = httpx.get(f"{auth_url}{path}", headers=h("alice"), timeout=30)
+            assert r.status_code == 200, (path, r.text)
+            return r.json()
+        get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")
+        get(f"/v1/fine_tuning/jobs/{job['id']}/events")
+        return [get(f"/v1/files/{f['id']}"), get(f"/v1/fine_tuning/jobs/{job['id']}")["status"] != "cancelled",
+                {m["id"] for m in get("/v1/models")["data"]} >= {"alices-adapter", "alices-adapter@1"}]
+
+    before = alices()
+    spec = httpx.get(f"{auth_url}/openapi.json", headers=h("admin"), timeout=30).json()
+    tried = []
+    for template, ops in spec["paths"].items():
+        if not any(k in template for k in ids):
+            continue
+        path = template
+        for key, value in ids.items():
+            path = path.replace(key, value)
+        for method in ops:
+            r = httpx.request(method.upper(), f"{auth_url}{path}", headers=h("bob"), json={"version": 1}, timeout=30)
+            assert r.status_code in (403, 404), (method, path, r.status_code, r.text)
+            tried.append((method, template))
+    assert len(tried) >= 9, tried  # file get/delete, job get/cancel/events/checkpoints, adapter promote/...
+    for route in ("/v1/files", "/v1/fine_tuning/jobs"):
+        listed = httpx.get(f"{auth_url}{route}", headers=h("bob"), timeout=30).json()["data"]
+        assert not {f["id"], job["id"]} & {o["id"] for o in listed}
+    assert before == [before[0], True, True] and alices() == before  # bob's cancel and delete changed nothing
+    r = httpx.post(f"{auth_url}/v1/fine_tuning/jobs/{job['id']}/cancel", headers=h("alice"), timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
 
 def test_a_tenant_never_publishes_into_a_name_it_does_not_own(auth_url, tiny_chat_dir, tmp_path):
@@ -184,27 +234,6 @@ def test_hostile_bytes_never_500(auth_url, raw, status):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_client_disconnect_mid_stream_frees_the_engine(base_url, serve_app):
-    handle = serve.get_deployment_handle("LLMServer", app_name="llmaas")
-
-    async def go():
-        async with httpx.AsyncClient(timeout=60) as c:
-            body = {"model": "base", "messages": MSG, "max_tokens": 200, "stream": True, "ignore_eos": True}
-            async with c.stream("POST", f"{base_url}/v1/chat/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-                        break  # a real token arrived: hang up now
-
-    asyncio.run(go())
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.0:
-        if handle.stats.remote().result()["running"] == 0:
-            break
-        time.sleep(0.05)
-    stats = handle.stats.remote().result()
-    assert stats["running"] == 0 and stats["waiting"] == 0
-
-
 def test_overload_is_shed_fast_while_admitted_requests_finish(ray_cluster, app_args, tmp_path):
     from llmaas.app.config import AppConfig
     from llmaas.deployments.llm_server import LLMServer
@@ -241,11 +270,9 @@ def test_overload_is_shed_fast_while_admitted_requests_finish(ray_cluster, app_a
 def test_killed_model_replica_gives_clean_errors_and_recovers(ray_cluster, default_model_dir, tmp_path):
     import ray
 
-    # The real default model on one thread: 2000 tokens cannot finish before the kill lands. The request timeout
-    # is what bounds the stream if Ray is slow to report the actor's death (seen once in ~10 runs: no error
-    # reached the Router within 60 s); either way the client gets an in-band error, never a hang.
-    serve.run(build_app({"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.1}, "storage_root": str(tmp_path),
-                         "request_timeout_s": 45}),
+    # The real default model on one thread: 2000 tokens cannot finish before the kill lands; the error the
+    # client reads must be the replica's death (503 replica_died, in-band), not the 600 s request timeout.
+    serve.run(build_app({"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.1}, "storage_root": str(tmp_path)}),
               name="kill-app", route_prefix="/kill")
     url = f"{ray_cluster}/kill/v1/chat/completions"
     body = {"model": "base", "messages": MSG, "max_tokens": 2000, "ignore_eos": True, "stream": True}
@@ -270,10 +297,14 @@ def test_killed_model_replica_gives_clean_errors_and_recovers(ray_cluster, defau
                        if "kill-app" in a["name"] and "LLMServer" in a["name"]]
             assert victims, ray.util.list_named_actors(all_namespaces=True)
             ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+            killed = time.monotonic()
             lines = fut.result(timeout=90)  # never a hang
+            told_after = time.monotonic() - killed
         tokens = sum('"content":"' in ln for ln in lines)
         assert "data: [DONE]" in lines[-3:]
-        assert tokens < 2000 and any('"error"' in ln for ln in lines), lines[-4:]  # cut short, said so in-band
+        errors = [json.loads(ln[6:])["error"] for ln in lines if ln.startswith('data: {"error"')]
+        assert tokens < 2000 and [e["code"] for e in errors] == ["replica_died"], lines[-4:]  # cut short, said why
+        assert told_after < 30, told_after
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             r = httpx.post(url, json={**body, "stream": False, "max_tokens": 2}, timeout=60)

@@ -12,6 +12,7 @@ from llmaas.app.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
+from tests.integration.conftest import assert_aborted_and_freed, engine_stats
 
 KEYS = {"trial": "trial-secret-key-0001", "paid": "paid-secret-key-00002", "fan": "fan-out-secret-key-003"}
 MSG = [{"role": "user", "content": "hi"}]
@@ -47,6 +48,8 @@ def test_a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not(limi
     assert r.json()["error"]["code"] == "rate_limit_exceeded" and set(r.json()["error"]) == {
         "message", "type", "param", "code"}
     assert 1 <= int(r.headers["retry-after"]) <= 20  # 3/min: one request back every 20 s
+    assert r.headers["x-ratelimit-limit-requests"] == "3" and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 40 <= float(r.headers["x-ratelimit-reset-requests"].rstrip("s")) <= 60  # ~3 requests' worth to refill
     # another tenant is unaffected, and the openai client sees its own RateLimitError type
     assert httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60).status_code == 200
     c = openai.OpenAI(base_url=f"{limits_url}/v1", api_key=KEYS["trial"], max_retries=0, timeout=30)
@@ -69,35 +72,24 @@ def test_the_rate_limit_counts_choices_not_requests(limits_url):
     assert ask(1).status_code == 200
 
 
-def _engine_idle(app: str, within_s: float) -> dict:
-    handle = serve.get_deployment_handle("LLMServer", app_name=app)
-    deadline = time.monotonic() + within_s
-    while True:
-        stats = handle.stats.remote().result()
-        if stats["running"] == 0 and stats["waiting"] == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 def test_request_past_the_timeout_gets_408_and_frees_the_engine(limits_url):
     body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "n": 4}
+    before = engine_stats("limits-app")
     t = time.monotonic()
     r = httpx.post(f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60)
     took = time.monotonic() - t
     assert r.status_code == 408, r.text[:300]
     assert r.json()["error"]["code"] == "request_timeout" and TIMEOUT_S <= took < TIMEOUT_S + 3
-    stats = _engine_idle("limits-app", 2.0)
-    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert_aborted_and_freed("limits-app", before, aborted=4, within=2.0)  # 4 x 1900 tokens: ~20x the window
 
 
 def test_stream_past_the_timeout_ends_with_an_in_band_error(limits_url):
     body = {"model": "tiny-long", "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    lines = []
+    before = engine_stats("limits-app")
     with httpx.stream("POST", f"{limits_url}/v1/chat/completions", json=body, headers=h("paid"), timeout=60) as r:
         assert r.status_code == 200  # headers went out before the deadline
         lines = [ln for ln in r.iter_lines() if ln]
     tokens = sum('"content":"' in ln for ln in lines)
     assert 0 < tokens < 1900 and '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-2:]
-    stats = _engine_idle("limits-app", 2.0)
-    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert_aborted_and_freed("limits-app", before, aborted=1, within=2.0)
 

@@ -9,13 +9,13 @@ import torch
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 
-def hf_greedy(model_dir, prompt_ids: list[int], max_new: int) -> list[int]:
+def hf_greedy(model_dir, prompt_ids: list[int], max_new: int, **generate_kwargs) -> list[int]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=None)
+                         eos_token_id=None, **generate_kwargs)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -151,14 +151,22 @@ def test_health(base_url):
     assert httpx.get(f"{base_url}/health", timeout=10).json() == {"status": "ok"}
 
 
-def test_penalties_reach_the_engine(client):
+def test_penalties_reach_the_engine(client, tiny_chat_dir, default_tokenizer):
     kwargs = dict(model="base", prompt="Once upon a time", max_tokens=24, temperature=0,
                   extra_body={"ignore_eos": True})
     plain = client.completions.create(**kwargs).choices[0].text
     penalized = client.completions.create(presence_penalty=2.0, frequency_penalty=2.0, **kwargs).choices[0].text
     assert penalized != plain
-    tokens = client.completions.create(**{**kwargs, "extra_body": {"ignore_eos": True, "repetition_penalty": 2.0}})
-    assert tokens.usage.completion_tokens == 24
+    # repetition_penalty is HF's own (CTRL) rule over prompt and output tokens: greedy output equals HF's. The
+    # prompt holds the unpenalized continuation, so penalizing prompt tokens (not only output ones) matters.
+    prompt = "Once upon a time" + plain
+    prompt_ids = default_tokenizer(prompt)["input_ids"]
+    expected = default_tokenizer.decode(hf_greedy(tiny_chat_dir, prompt_ids, 24, repetition_penalty=2.0),
+                                        skip_special_tokens=True)
+    assert expected != default_tokenizer.decode(hf_greedy(tiny_chat_dir, prompt_ids, 24), skip_special_tokens=True)
+    r = client.completions.create(**{**kwargs, "prompt": prompt,
+                                     "extra_body": {"ignore_eos": True, "repetition_penalty": 2.0}})
+    assert r.choices[0].text == expected and r.usage.completion_tokens == 24
 
 
 def test_logprobs_through_the_openai_client(client, tiny_chat_dir, default_tokenizer):

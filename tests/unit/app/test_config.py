@@ -5,12 +5,26 @@ import pydantic
 import pytest
 import torch
 
-from llmaas.app.config import AppConfig, EngineSettings, cpu_has_native_bf16
+from llmaas.app.config import AppConfig, EngineSettings
+from llmaas.deployments.engine.dtype_probe import choose
 
 
-def test_auto_dtype_on_cpu_follows_native_bf16_support():
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert EngineSettings(device="cpu").to_engine_config(256, (2,)).dtype == expected
+def test_the_cpu_dtype_rule_takes_bf16_only_when_clearly_faster():
+    assert choose(fp32_s=1.0, bf16_s=0.25) == torch.bfloat16  # 4x: the AMD EPYC case
+    assert choose(fp32_s=1.0, bf16_s=1.8) == torch.float32  # 0.56x: the Intel Xeon case
+    assert choose(fp32_s=1.0, bf16_s=0.9) == torch.float32  # 1.1x: noise; exact parity wins
+
+
+def test_auto_dtype_on_cpu_is_what_the_probe_timed(monkeypatch):
+    """auto follows the timings (injected here: the machine's own are noise to a test), whatever the CPU flags."""
+    from llmaas.deployments.engine import dtype_probe
+
+    for fp32_s, bf16_s, expected in ((1.0, 0.25, torch.bfloat16), (1.0, 1.8, torch.float32)):
+        timings = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
+        monkeypatch.setattr(dtype_probe, "linear_timer", lambda dtype, t=timings: lambda: t[dtype])
+        dtype_probe.fastest_cpu_dtype.cache_clear()
+        assert EngineSettings(device="cpu").to_engine_config(256, (2,)).dtype == expected
+    dtype_probe.fastest_cpu_dtype.cache_clear()
     assert EngineSettings(device="cpu", dtype="float32").to_engine_config(256, (2,)).dtype == torch.float32
     assert EngineSettings(device="cuda").resolved_dtype("cuda") == "bfloat16"
 

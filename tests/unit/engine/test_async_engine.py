@@ -87,3 +87,36 @@ def test_dead_engine_loop_fails_streams_and_health(model):
         asyncio.run(main())
     with pytest.raises(EngineDeadError):
         engine.check_health()
+
+
+def test_an_adapter_evicted_in_the_same_pass_as_a_request_using_it_serves_that_request(model, tmp_path):
+    """Serve's LRU can evict a version right after handing its lease to a request: the request's add and the
+    removal then reach the engine thread in one pass. The request must run on the adapter, the removal wait."""
+    import time
+
+    from tests.models import make_peft_adapter
+
+    engine = AsyncLLMEngine(LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64,
+                                                                         block_size=8, max_loras=2)))
+    path = make_peft_adapter(model, tmp_path / "a", seed=1)
+
+    async def main():
+        await engine.add_lora("x@1", path)
+        blocker = asyncio.ensure_future(engine.call(lambda: time.sleep(0.5)))  # holds the engine thread
+        await asyncio.sleep(0.1)
+        stream = engine.generate("r", [1, 2, 3], PARAMS, lora="x@1")
+        first = asyncio.ensure_future(stream.__anext__())  # the request's add is queued first ...
+        await asyncio.sleep(0)
+        removal = asyncio.ensure_future(engine.remove_lora("x@1"))  # ... then the eviction, same pass
+        tokens = list((await first).new_token_ids)
+        async for out in stream:
+            tokens.extend(out.new_token_ids)
+        await asyncio.gather(blocker, removal)
+        for _ in range(100):  # the removal waited for the request, then happened
+            if not engine.engine.has_lora("x@1"):
+                return tokens
+            await asyncio.sleep(0.02)
+        raise AssertionError("the adapter was never removed")
+
+    assert len(asyncio.run(main())) == PARAMS.max_tokens
+    engine.shutdown()
