@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from llmaas.app.storage import is_uri
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list, register, promote, roll back or delete adapter versions")
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmds.add_parser("list", help="names, versions, aliases, canaries")
     reg = cmds.add_parser("register", help="register a PEFT LoRA dir (safetensors) as the next version")
     reg.add_argument("name")
-    reg.add_argument("path")
+    reg.add_argument("path", help="a local directory or an s3:// / gs:// prefix")
     reg.add_argument("--promote", action="store_true")
     reg.add_argument("--owner", default=None, help="tenant that owns it (default: shared)")
     pro = cmds.add_parser("promote", help="move the alias (or start a canary with --canary SHARE)")
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import httpx
+    import httpx  # the admin client's own dependency, imported only when the command runs (not by the server)
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.url.rstrip("/")
@@ -37,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
         r = httpx.get(f"{base}/v1/adapters", headers=headers, timeout=30)
     elif args.action == "register":
         r = httpx.post(f"{base}/v1/adapters", headers=headers, timeout=120,
-                       json={"name": args.name, "path": os.path.abspath(args.path), "promote": args.promote,
-                             "owner": args.owner})
+                       json={"name": args.name, "path": args.path if is_uri(args.path) else os.path.abspath(args.path),
+                             "promote": args.promote, "owner": args.owner})
     elif args.action == "promote":
         name, _, version = args.model.partition("@")
         if not version.isdigit():

@@ -16,12 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.errors import Forbidden, Unauthorized
+from llmaas.app.names import NAME_PATTERN
 
 
 class APIKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str = Field(min_length=16, description="The bearer secret (16+ characters).")
-    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9\-_.]{0,63}$", description="Who owns what this key creates.")
+    tenant: str = Field(pattern=NAME_PATTERN, description="Who owns what this key creates.")
     admin: bool = Field(False, description="May register, promote, roll back and delete adapters.")
 
 

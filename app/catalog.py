@@ -4,10 +4,9 @@ from __future__ import annotations
 import random
 
 from llmaas.app.errors import NotFound
+from llmaas.app.names import BASE_ALIAS
 from llmaas.app.protocol import ModelCard
 from llmaas.app.registry import AdapterEntry, RegistryState, parse_model_id, resolve
-
-BASE_ALIAS = "base"
 
 
 class ModelCatalog:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmaas.deployments.engine import SamplingParams, TokenLogprob
+from llmaas.engine import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)

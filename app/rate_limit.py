@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.errors import RateLimited
 
-
 PositiveRate = Annotated[float, Field(gt=0)]
 
 

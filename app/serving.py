@@ -15,8 +15,8 @@ from typing import Protocol
 from llmaas.app.catalog import ModelCatalog
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
+from llmaas.app.names import BASE_ALIAS
 from llmaas.app.postprocess import Decoder, IncrementalDetokenizer, StopMatcher
-from llmaas.app.response_cache import ResponseCache
 from llmaas.app.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -37,7 +37,9 @@ from llmaas.app.protocol import (
     Usage,
     new_id,
 )
-from llmaas.deployments.engine import SamplingParams, TokenLogprob
+from llmaas.app.response_cache import ResponseCache
+from llmaas.engine import SamplingParams, TokenLogprob
+
 
 class Backend(Protocol):
     async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt: ...
@@ -185,7 +187,7 @@ class OpenAIServing:
         finally:
             await stream.aclose()  # stops generation early (stop string, client gone)
             if self.observer is not None:
-                self.observer.on_choice(choice.adapter or "base", None if first_token is None else
+                self.observer.on_choice(choice.adapter or BASE_ALIAS, None if first_token is None else
                                         first_token - started, time.perf_counter() - started, num_prompt,
                                         completion_tokens)
 

@@ -119,7 +119,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from llmaas.app.builder import build_app
+    from llmaas.deployments.builder import build_app
 
     work = tempfile.mkdtemp(prefix="llmaas-chaos-")
     source = model_source(args.model_source, Path(work))

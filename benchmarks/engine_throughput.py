@@ -29,12 +29,12 @@ from collections.abc import Callable
 
 import torch
 
-try:  # installed package, or the bare repo on a GPU box
+try:  # installed package, or the bare repo on a GPU box (run from the repo root: engine/ is a plain package)
     from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
-    from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+    from llmaas.engine import LORA_TARGET_MODULES, EngineConfig, LLMEngine, SamplingParams
 except ImportError:  # pragma: no cover
     from benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
-    from deployments.engine import EngineConfig, LLMEngine, SamplingParams
+    from engine import LORA_TARGET_MODULES, EngineConfig, LLMEngine, SamplingParams
 
 CONFIGS = {  # real shapes, random weights: nothing is downloaded
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -129,7 +129,7 @@ def make_adapters(model, n: int, rank: int, out_dir) -> list[str]:
 
     from safetensors.torch import save_file
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = list(LORA_TARGET_MODULES)
     paths = []
     for i in range(n):
         g = torch.Generator().manual_seed(100 + i)

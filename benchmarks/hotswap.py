@@ -1,12 +1,17 @@
 """Hot-swap under steady load: time from an alias move to the first token from the new version.
 
     python -m llmaas.benchmarks.hotswap --clients 4 --moves 6 --window 8
+    python -m llmaas.benchmarks.hotswap --storage s3     # storage_root on an S3-compatible server (moto, loopback)
 
 Serves the default model with two LoRA adapter versions (random PEFT adapters, r=8,
 all projections) of one name, keeps N streaming clients busy on the alias, moves the
 alias back and forth, and reports p50/p99 of move -> first token of the new version
 (it includes a whole request's TTFT, printed beside it for comparison),
-throughput during the swaps vs before them, and failed requests (must be 0).
+throughput during the swaps vs before them, and failed requests (must be 0). With
+``--storage s3`` everything (registry, adapters) lives in a bucket on a local S3-compatible
+server, and the run also times the cold pull of a version from the bucket (download +
+checksum, in this process) and the first request for a never-served version against a
+repeat of it (cold: pull + slot load).
 The clients warm up first: the run starts once as many requests as there are clients
 have finished (the cold start), so the "before" window is a warm steady state. Every
 request sent is counted, warm-up and last-second ones included: the run ends only when
@@ -18,9 +23,11 @@ import argparse
 import asyncio
 import collections
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmaas.benchmarks.common import RESULTS, failure, percentile, print_table, save, stream_chunks
 
@@ -89,6 +96,8 @@ def main() -> None:
     p.add_argument("--window", type=float, default=8.0, help="seconds between alias moves")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--port", type=int, default=8766)
+    p.add_argument("--storage", choices=["local", "s3"], default="local",
+                   help="storage_root: a temp dir, or a bucket on a moto S3 server started on loopback")
     args = p.parse_args()
 
     import httpx
@@ -96,33 +105,72 @@ def main() -> None:
     from ray import serve
     from transformers import AutoModelForCausalLM
 
-    from llmaas.app.builder import build_app
     from llmaas.app.config import ModelSettings
     from llmaas.app.model_source import resolve_model
+    from llmaas.deployments.builder import build_app
     from tests.models import make_peft_adapter
 
-    storage = tempfile.mkdtemp(prefix="llmaas-hotswap-")
+    scratch = tempfile.mkdtemp(prefix="llmaas-hotswap-")
+    storage, stop_s3 = scratch, None
+    if args.storage == "s3":  # before ray.init: Ray's workers inherit the AWS_* environment
+        from tests.s3server import make_bucket, s3_env, start_moto_server
+
+        endpoint, stop_s3 = start_moto_server()
+        os.environ.update(s3_env(endpoint))
+        make_bucket(endpoint, "hotswap")
+        storage = "s3://hotswap/llmaas"
     base_path = resolve_model(ModelSettings()).path
     base = AutoModelForCausalLM.from_pretrained(base_path)
-    adapters = [make_peft_adapter(base, f"{storage}/src{i}", seed=i, b_std=0.05) for i in range(2)]
+    adapters = [make_peft_adapter(base, f"{scratch}/src{i}", seed=i, b_std=0.05) for i in range(3)]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app({"engine": {"torch_threads": 2}, "storage_root": storage}), name="hotswap",
               route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
-    for i, path in enumerate(adapters):
+    for i, path in enumerate(adapters[:2]):
         httpx.post(f"{url}/v1/adapters", json={"name": "hs", "path": path, "promote": i == 0},
                    timeout=60).raise_for_status()
     log, moves, start = asyncio.run(run(url, args))
+    cold = cold_version(url, storage, adapters[2], scratch)
     serve.shutdown()
     ray.shutdown()
+    if stop_s3 is not None:
+        stop_s3()
 
     row, errors, delays = summarize(log, moves, start, args.window)
+    row = {"storage": args.storage, **row, **cold}
     print_table([row], list(row))
     print("failures:", dict(errors) or "none")
-    path = save("hotswap", {"args": vars(args), "row": row, "delays_s": delays, "errors": dict(errors)})
-    plot(log, moves, start)
+    name = "hotswap" if args.storage == "local" else f"hotswap_{args.storage}"
+    path = save(name, {"args": vars(args), "row": row, "delays_s": delays, "errors": dict(errors)})
+    plot(log, moves, start, name)
     print("saved", path)
+
+
+def cold_version(url: str, storage: str, adapter: str, scratch: str) -> dict:
+    """Registers a third version and times (a) pulling it from storage into an empty cache in this process and
+    (b) the first request for it (the replica pulls it and loads a slot) against a repeat of that request."""
+    import httpx
+
+    from llmaas.app.adapter_cache import AdapterCache
+    from llmaas.app.registry import Registry
+
+    httpx.post(f"{url}/v1/adapters", json={"name": "hs", "path": adapter}, timeout=60).raise_for_status()
+    registry = Registry(storage)
+    version = registry.version("hs", 3)
+    cache = AdapterCache(registry.storage, Path(scratch) / "pull", max_bytes=1 << 30)
+    t = time.perf_counter()
+    cache.path(version)
+    pull_ms = (time.perf_counter() - t) * 1e3
+    body = {"model": "hs@3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    first_ms = []
+    for _ in range(2):
+        t = time.perf_counter()
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).raise_for_status()
+        first_ms.append((time.perf_counter() - t) * 1e3)
+    size = sum(len(registry.storage.read(f"{version.path}/{f}")) for f in version.files)
+    return {"pull_ms": round(pull_ms, 1), "version_mb": round(size / 1e6, 2), "downloaded": cache.pulls == 1,
+            "cold_request_ms": round(first_ms[0], 1), "warm_request_ms": round(first_ms[1], 1)}
 
 
 def summarize(log: list[Req], moves: list[tuple[float, str]], start: float, window: float):
@@ -150,7 +198,7 @@ def summarize(log: list[Req], moves: list[tuple[float, str]], start: float, wind
     return row, errors, delays
 
 
-def plot(log: list[Req], moves: list[tuple[float, str]], start: float) -> None:
+def plot(log: list[Req], moves: list[tuple[float, str]], start: float, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +214,7 @@ def plot(log: list[Req], moves: list[tuple[float, str]], start: float) -> None:
     ax.set_yticks([1, 2], ["hs@1", "hs@2"])
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "hotswap.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
 
 if __name__ == "__main__":
     main()

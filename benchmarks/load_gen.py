@@ -64,7 +64,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from llmaas.app.config import AppConfig
+    from llmaas.deployments.config import AppConfig
     from llmaas.deployments.llm_server import LLMServer
     from llmaas.deployments.router import Router
     from llmaas.deployments.tokenizer import Tokenizer

@@ -19,8 +19,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from llmaas.benchmarks.common import (RATIO_NOTE, RESULTS, add_repeats, failure, interleave, percentile,
-                                      print_table, save, span, spread, stream_chunks)
+from llmaas.benchmarks.common import (
+    RATIO_NOTE,
+    RESULTS,
+    add_repeats,
+    failure,
+    interleave,
+    percentile,
+    print_table,
+    save,
+    span,
+    spread,
+    stream_chunks,
+)
 
 SERVE, ENGINE = "serve (HTTP, SSE)", "engine in-process"
 METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
@@ -86,7 +97,7 @@ async def run_http(url: str, model: str, prompts: list[list[int]], max_tokens: i
 
 
 async def run_engine(engine, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Trace]:
-    from llmaas.deployments.engine import SamplingParams
+    from llmaas.engine import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     sem = asyncio.Semaphore(concurrency)
@@ -124,10 +135,10 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from llmaas.app.builder import build_app
-    from llmaas.app.config import AppConfig
     from llmaas.app.model_source import load_model, resolve_model
-    from llmaas.deployments.engine import AsyncLLMEngine, LLMEngine
+    from llmaas.deployments.builder import build_app
+    from llmaas.deployments.config import AppConfig
+    from llmaas.engine import AsyncLLMEngine, LLMEngine
 
     app_args = {"model": {"source": args.model_source},
                 "engine": {"torch_threads": args.torch_threads, "max_num_seqs": max(args.concurrency, 8)}}

@@ -20,7 +20,7 @@ import random
 import torch
 
 from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
-from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, versus
+from llmaas.engine import LORA_TARGET_MODULES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "training" / "examples" / "sentiment" / "train.jsonl"
 
@@ -31,7 +32,7 @@ def hf_trainer(base_path: str, examples, global_batch: int, threads: int) -> dic
     torch.set_num_threads(threads)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        target_modules=list(LORA_TARGET_MODULES)))
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
     def collate(batch):

@@ -8,18 +8,24 @@ eviction hands it back (after the requests using it finish).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import ray
 import torch
 from ray import serve
 
-from llmaas.app.config import AppConfig
+from llmaas.app.adapter_cache import AdapterCache, ChecksumMismatch
 from llmaas.app.errors import InvalidRequest, ServiceUnavailable
 from llmaas.app.messages import GenerateRequest, TokenDelta
 from llmaas.app.model_source import load_model, resolve_model
 from llmaas.app.registry import Registry, parse_model_id
+from llmaas.app.storage import StorageUnavailable
+from llmaas.deployments.config import AppConfig
 from llmaas.deployments.metrics import EngineMetrics
-from llmaas.deployments.engine import (
+from llmaas.engine import (
     AdapterError,
     AsyncLLMEngine,
     EngineDeadError,
@@ -52,6 +58,8 @@ class LLMServer:
                            config.engine.to_engine_config(model.max_model_len, model.eos_token_ids))
         self.engine = AsyncLLMEngine(engine)
         self.registry = Registry(config.storage_root)
+        self.adapters = AdapterCache(self.registry.storage, Path(tempfile.mkdtemp(prefix="llmaas-adapters-")),
+                                     int(config.adapter_cache_mb * (1 << 20)))
         self.metrics = EngineMetrics()
         self._reporter: asyncio.Task | None = None
         # Serve caches one lease per version (LRU, at most max_loras); the engine has as many slots behind them.
@@ -76,9 +84,15 @@ class LLMServer:
         name, version = parse_model_id(version_id)
         if version is None:
             raise InvalidRequest(f"adapter id {version_id!r} must name a version", param="model")
-        path = self.registry.adapter_dir(name, version)
-        try:
+        try:  # a first use on this replica may pull the version from object storage: off the event loop
+            path = await asyncio.to_thread(lambda: self.adapters.path(self.registry.version(name, version)))
             await self.engine.add_lora(version_id, str(path))
+        except StorageUnavailable as exc:  # the bucket, not the request: retry later
+            raise ServiceUnavailable(f"adapter {version_id} cannot be fetched: {exc}", code="storage_unavailable") \
+                from None
+        except ChecksumMismatch as exc:  # what storage holds is not what was published: the operator's to fix
+            raise ServiceUnavailable(f"adapter {version_id} is corrupt in storage: {exc}", code="adapter_corrupt") \
+                from None
         except (AdapterError, OSError) as exc:
             raise InvalidRequest(f"adapter {version_id} cannot be loaded: {exc}", param="model") from None
         self.metrics.adapter_events.inc(1, {"event": "load"})
@@ -103,8 +117,6 @@ class LLMServer:
             raise ServiceUnavailable(str(exc)) from None
 
     def stats(self) -> dict[str, float | str]:
-        import ray
-
         return {**self.engine.stats(), "node_id": ray.get_runtime_context().get_node_id(),
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
@@ -115,3 +127,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None:
+            shutil.rmtree(adapters.cache_dir, ignore_errors=True)

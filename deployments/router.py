@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,23 +23,26 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoTokenizer
 
 from llmaas.app.auth import ANONYMOUS, Authenticator, Principal, require_admin
-from llmaas.app.catalog import BASE_ALIAS, ModelCatalog
-from llmaas.app.config import AppConfig
+from llmaas.app.catalog import ModelCatalog
 from llmaas.app.deadline import Deadline
 from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable, unwrap
-from llmaas.app.files import FileObject, FileStore
-from llmaas.app.finetuning import FineTuningJobObject, FineTuningJobRequest
-from llmaas.app.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.app.model_source import base_model_info, resolve_model
+from llmaas.app.names import BASE_ALIAS
 from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
 from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.serving import OpenAIServing
+from llmaas.app.storage import StorageUnavailable
+from llmaas.deployments.config import AppConfig
 from llmaas.deployments.handle_backend import HandleBackend
+from llmaas.deployments.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.deployments.metrics import RouterMetrics
+from llmaas.training.api import FineTuningJobObject, FineTuningJobRequest
+from llmaas.training.files import FileObject, FileStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -188,6 +192,8 @@ def _as_api_error(exc: BaseException) -> APIError | None:
         return ServiceUnavailable("the model replica running this request died; retry", code="replica_died")
     if type(inner).__name__ == "BackPressureError":  # a downstream deployment's queue is full
         return ServiceUnavailable("the model stage is overloaded; retry shortly")
+    if isinstance(inner, StorageUnavailable):  # the bucket (or its endpoint) is down: nothing was changed
+        return ServiceUnavailable(str(inner), code="storage_unavailable")
     return None
 
 
@@ -249,9 +255,6 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:
-        import ray
-        from transformers import AutoTokenizer
-
         model = resolve_model(config.model)
         self.llm = llm
         self.manage = Management(config.storage_root, model.path,
@@ -349,18 +352,20 @@ class Router:
         return await asyncio.to_thread(self.manage.upload, file.file, file.filename or "upload.jsonl", purpose,
                                        who.tenant)
 
+    # Storage calls (files, job records) run in worker threads: on a bucket each is a network round trip, and the
+    # event loop streams every in-flight request's tokens.
     @api.get("/v1/files")
     async def list_files(self, who: Principal = Depends(principal)):
-        return {"object": "list", "data": [f.model_dump() for f in self.manage.files.list(who.tenant)],
-                "has_more": False}
+        files = await asyncio.to_thread(self.manage.files.list, who.tenant)
+        return {"object": "list", "data": [f.model_dump() for f in files], "has_more": False}
 
     @api.get("/v1/files/{file_id}", response_model=FileObject)
     async def get_file(self, file_id: str, who: Principal = Depends(principal)):
-        return self.manage.files.get(file_id, who.tenant)
+        return await asyncio.to_thread(self.manage.files.get, file_id, who.tenant)
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(self, file_id: str, who: Principal = Depends(principal)):
-        self.manage.files.delete(file_id, who.tenant)
+        await asyncio.to_thread(self.manage.files.delete, file_id, who.tenant)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ----- HTTP: fine-tuning -----
@@ -371,11 +376,11 @@ class Router:
     @api.get("/v1/fine_tuning/jobs")
     async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None,
                         who: Principal = Depends(principal)):
-        return self.manage.list_jobs(limit, after, who.tenant)
+        return await asyncio.to_thread(self.manage.list_jobs, limit, after, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
     async def get_job(self, job_id: str, who: Principal = Depends(principal)):
-        return self.manage.get_job(job_id, who.tenant)
+        return await asyncio.to_thread(self.manage.get_job, job_id, who.tenant)
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobObject)
     async def cancel_job(self, job_id: str, who: Principal = Depends(principal)):
@@ -384,11 +389,11 @@ class Router:
     @api.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def job_events(self, job_id: str, limit: int = Query(20, ge=1, le=1000), after: str | None = None,
                          who: Principal = Depends(principal)):
-        return self.manage.job_events(job_id, limit, after, who.tenant)
+        return await asyncio.to_thread(self.manage.job_events, job_id, limit, after, who.tenant)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def job_checkpoints(self, job_id: str, who: Principal = Depends(principal)):
-        return self.manage.job_checkpoints(job_id, who.tenant)
+        return await asyncio.to_thread(self.manage.job_checkpoints, job_id, who.tenant)
 
     # ----- HTTP: adapter administration (admin keys only) -----
     @api.get("/v1/adapters")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from ray import serve
+from transformers import AutoTokenizer
 
-from llmaas.app.config import AppConfig
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import TokenizedPrompt
 from llmaas.app.model_source import resolve_model
 from llmaas.app.protocol import ChatMessage
+from llmaas.deployments.config import AppConfig
 
 
 def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
@@ -27,8 +28,6 @@ def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, p
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Tokenizer:
     def __init__(self, config: AppConfig) -> None:
-        from transformers import AutoTokenizer
-
         self.model = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model.path)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llmaas.engine import LORA_TARGET_MODULES
+
 
 def tiny_llama_config(vocab_size: int = 256, **overrides) -> LlamaConfig:
     kwargs = dict(
@@ -40,7 +42,7 @@ def save_tiny_chat_model(target: Path, tokenizer_dir: Path, seed: int = 0, max_p
     return target
 
 
-ALL_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LORA_MODULES = list(LORA_TARGET_MODULES)
 
 
 def make_peft_adapter(base, path, seed: int, r: int = 8, targets=ALL_LORA_MODULES, b_std: float = 0.3,

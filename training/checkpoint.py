@@ -6,14 +6,16 @@ scalars go to trainer_state.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from llmaas.app.storage import Storage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,8 +33,6 @@ class TrainerState:
 
 
 def save_checkpoint(directory: Path, peft_model, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
-    from peft import get_peft_model_state_dict
-
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(weights, str(directory / ADAPTER_WEIGHTS))
@@ -47,8 +47,6 @@ def save_checkpoint(directory: Path, peft_model, optimizer: torch.optim.Optimize
 
 
 def load_checkpoint(directory: Path, peft_model, optimizer: torch.optim.Optimizer) -> TrainerState:
-    from peft import set_peft_model_state_dict
-
     set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
     raw = json.loads((directory / STATE).read_text())
     groups = raw.pop("param_groups")
@@ -62,18 +60,12 @@ def load_checkpoint(directory: Path, peft_model, optimizer: torch.optim.Optimize
     return TrainerState(**raw)
 
 
-def publish_dir(src: Path, target: Path, extra_files: dict[str, str]) -> None:
-    """Copies the adapter files of ``src`` plus ``extra_files`` into ``target`` atomically (all or nothing)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+def publish_adapter(src: Path, storage: Storage, key: str, extra_files: dict[str, str]) -> None:
+    """Uploads the adapter files of checkpoint ``src`` plus ``extra_files`` under ``key``. Whoever names the
+    result (the job record, then the registry) does so after this returns: nothing half-uploaded is named."""
+    with tempfile.TemporaryDirectory(prefix="llmaas-adapter-") as tmp:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copy2(src / name, tmp / name)
+            shutil.copyfile(src / name, Path(tmp) / name)
         for name, text in extra_files.items():
-            (tmp / name).write_text(text)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (Path(tmp) / name).write_text(text)
+        storage.upload_dir(Path(tmp), key)

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 
 import yaml
 
 
-def plot_loss(events: list[dict], path: Path) -> Path | None:
+def plot_loss(events: list[dict]) -> bytes | None:
+    """The loss curve as a PNG, or None without metrics or without matplotlib (an optional dependency)."""
     points = [(e["data"]["step"], e["data"]["train_loss"]) for e in events if e["type"] == "metrics"]
     if not points:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -23,9 +28,10 @@ def plot_loss(events: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("train loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return out.getvalue()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Ray Train, torch and transformers load here, not when the `llmaas` command starts: `llmaas adapters ...`
+    # (an HTTP client) would otherwise pay ~7 s of imports on every call.
     import ray
 
     from llmaas.training.config import FineTuneJob
@@ -52,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"job {job_id}: fine-tuning '{job.name}' on {job.base_model} with {job.num_workers or 'auto'} worker(s)")
     record = run_job(job, job_id)
     store = JobStore(job.storage_root)
-    curve = plot_loss(store.events(job_id), store.dir(job_id) / "loss.png")
+    png = plot_loss(store.events(job_id))
+    curve = None
+    if png is not None:
+        store.storage.write(f"job-plots/{job_id}/loss.png", png)
+        curve = store.storage.url(f"job-plots/{job_id}/loss.png")
     print(f"\nstatus: {record.status}")
     if record.error:
         print(f"error: {record.error}")

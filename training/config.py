@@ -1,13 +1,14 @@
 """Fine-tuning job config (pydantic edge): validated once, errors name the field."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]{0,63}$")
+from llmaas.app.names import name_problem
+from llmaas.engine import LORA_TARGET_MODULES
+
 Metric = Literal["loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l"]
 
 
@@ -17,9 +18,8 @@ class LoRASettings(BaseModel):
     r: int = Field(8, ge=1, le=256, description="LoRA rank; must not exceed the server's max_lora_rank (16).")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: deltas are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
-    target_modules: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = \
-        Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              min_length=1, description="Projections that get adapters.")
+    target_modules: list[Literal[LORA_TARGET_MODULES]] = Field(  # Literal[tuple] == Literal[*tuple]
+        list(LORA_TARGET_MODULES), min_length=1, description="Projections that get adapters.")
 
 
 class EvalSettings(BaseModel):
@@ -75,8 +75,9 @@ class FineTuneJob(JobResources):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seed: int = Field(0)
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every K optimizer steps.")
-    storage_root: Path = Field(Path.home() / ".cache" / "llmaas" / "storage",
-                               description="Where checkpoints, adapters and job records are written.")
+    storage_root: str = Field(str(Path.home() / ".cache" / "llmaas" / "storage"),
+                              description="Where checkpoints, adapters and job records are written: a path or an "
+                                          "s3:// / gs:// URI.")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     fault_injection_step: int | None = Field(
         None, ge=1, description="Drills: worker rank 1's process (rank 0 when alone) is killed once at this "
@@ -84,11 +85,17 @@ class FineTuneJob(JobResources):
     trace_rows: bool = Field(False, description="Drills: every worker logs the rows of each micro-batch it trains "
                                                 "(`rows` events), so a test can prove each row is seen once per epoch.")
 
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v  # a path or an s3:// / gs:// URI, kept as written
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must match [a-z0-9][a-z0-9-_.]{0,63}")
+        problem = name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

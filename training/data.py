@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from llmaas.app.storage import is_uri, open_storage
+
 IGNORE = -100  # torch cross-entropy's ignore_index
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -168,8 +172,6 @@ def files_hash(paths: list[str]) -> str:
 
 def pad_batch(batch: dict[str, list[list[int]]], pad_id: int):
     """Right-pads a micro-batch. Returns input_ids, labels, attention_mask: [B, S] long tensors."""
-    import torch
-
     seqs = [(list(i), list(l)) for i, l in zip(batch["input_ids"], batch["labels"])]
     width = max(len(i) for i, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -180,3 +182,16 @@ def pad_batch(batch: dict[str, list[list[int]]], pad_id: int):
         labels[row, :len(l)] = torch.tensor(l)
         mask[row, :len(i)] = 1
     return ids, labels, mask
+
+
+def fetch_file(path_or_uri: str, tmp: Path) -> str:
+    """A local path for a data file: a path as it is, an s3:// / gs:// object copied into ``tmp`` first."""
+    if not is_uri(path_or_uri):
+        return path_or_uri
+    parent, _, name = path_or_uri.rpartition("/")
+    local = tmp / f"{len(list(tmp.iterdir()))}-{name}"
+    try:
+        local.write_bytes(open_storage(parent).read(name))
+    except FileNotFoundError:
+        raise DataError(f"{path_or_uri}: no such file") from None
+    return str(local)

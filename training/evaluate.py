@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
+from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
 from llmaas.training.data import IGNORE, Example, pad_batch
 
 
@@ -111,10 +114,6 @@ def generated_metrics(texts: list[str], refs: list[str], metrics: Sequence[str],
 def evaluate(base_path: str, adapter_dir: str | None, examples: list[Example], tokenizer, metrics: Sequence[str],
              labels: Sequence[str] | None, max_new_tokens: int, max_examples: int) -> dict[str, float]:
     """Scores the base model (adapter_dir=None) or base + adapter on ``examples``."""
-    from transformers import AutoModelForCausalLM
-
-    from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
-
     if not examples:
         return {}
     out: dict[str, float] = {}
@@ -122,8 +121,6 @@ def evaluate(base_path: str, adapter_dir: str | None, examples: list[Example], t
     if {"loss", "perplexity"} & set(metrics):
         model = base
         if adapter_dir is not None:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(base, adapter_dir).eval()
         loss = mean_loss(model, examples, tokenizer.pad_token_id or 0)
         if adapter_dir is not None:

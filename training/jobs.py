@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmaas.training.checkpoint import publish_dir
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from transformers import AutoTokenizer
+
+from llmaas.app.config import ModelSettings
+from llmaas.app.model_source import model_fingerprint, resolve_model
+from llmaas.training.checkpoint import publish_adapter
 from llmaas.training.config import FineTuneJob
-from llmaas.training.data import DataError, files_hash, read_jsonl, split, tokenize_rows
+from llmaas.training.data import DataError, fetch_file, files_hash, read_jsonl, split, tokenize_rows
+from llmaas.training.evaluate import evaluate, passes
+from llmaas.training.recipe import RecipeConfig, train_loop_per_worker
 from llmaas.training.resources import ResourcesUnavailable, WorkerPlan, free_resources, plan_workers, reserve
 from llmaas.training.store import TERMINAL, JobRecord, JobStore, new_job_id
 
@@ -40,7 +49,16 @@ ERROR_CODES = {DataError: "invalid_training_file", ResourcesUnavailable: "resour
 
 
 def prepare_data(job: FineTuneJob, tokenizer):
-    """Reads, validates and tokenizes; returns (train, val, skipped). Raises DataError before any worker starts."""
+    """Reads, validates and tokenizes; returns (train, val, skipped, sha256 of the files). Raises DataError before
+    any worker starts."""
+    with tempfile.TemporaryDirectory(prefix="llmaas-data-") as tmp:  # files on object storage are read locally
+        files = [fetch_file(p, Path(tmp)) for p in job.train_files]
+        val_file = fetch_file(job.validation_file, Path(tmp)) if job.validation_file else None
+        local = job.model_copy(update={"train_files": files, "validation_file": val_file})
+        return (*_prepare_local(local, tokenizer), files_hash(files + ([val_file] if val_file else [])))
+
+
+def _prepare_local(job: FineTuneJob, tokenizer):
     rows, skipped = [], 0
     for path in job.train_files:
         r, s = read_jsonl(path, job.format, job.on_bad_line)
@@ -91,16 +109,6 @@ def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) 
 
 
 def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from transformers import AutoTokenizer
-
-    from llmaas.app.config import ModelSettings
-    from llmaas.app.model_source import model_fingerprint, resolve_model
-    from llmaas.training.evaluate import evaluate, passes
-    from llmaas.training.recipe import train_loop_per_worker
-
     started = time.time()
     base = resolve_model(ModelSettings(source=job.base_model, cache_dir=job.cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(base.path)
@@ -109,7 +117,7 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     job = job.model_copy(update={"num_workers": plan.num_workers, "cpus_per_worker": plan.cpus_per_worker})
     store.update(job_id, job=json.loads(job.model_dump_json()))
     _say(store, job_id, "resources", f"{plan.describe()} ({plan.reason})", _plan_data(plan))
-    train, val, skipped = prepare_data(job, tokenizer)
+    train, val, skipped, data_sha256 = prepare_data(job, tokenizer)
     store.add_event(job_id, "data", f"{len(train)} train / {len(val)} validation rows, {skipped} skipped",
                     {"train": len(train), "validation": len(val), "skipped": skipped})
     reserve(plan, job.placement_strategy, job.resource_wait_s,
@@ -117,17 +125,16 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     rows_per_worker = len(train) // job.num_workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size) // job.grad_accum)
     rows = ray.put([(e.input_ids, e.labels) for e in train])  # once in the object store; workers deal by rank
-    job_dir = store.dir(job_id)
+    recipe = RecipeConfig(job=job, job_id=job_id, base_path=base.path, pad_id=tokenizer.pad_token_id or 0,
+                          steps_per_epoch=steps_per_epoch, train_rows=rows)
+    runs_fs, runs_path = store.storage.arrow_filesystem()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": json.loads(job.model_dump_json()), "base_path": base.path,
-                           "pad_id": tokenizer.pad_token_id or 0, "steps_per_epoch": steps_per_epoch,
-                           "train_rows": rows,
-                           "events_path": str(store.events_path(job_id)),
-                           "fault_marker": str(job_dir / "fault_injected")},
+        train_loop_config={"recipe": recipe},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=job.use_gpu,
                                      resources_per_worker=plan.bundle, placement_strategy=job.placement_strategy),
-        run_config=RunConfig(name=job_id, storage_path=str(Path(job.storage_root).resolve() / "ray_runs"),
+        # checkpoints go to the storage root too (a path or a bucket), through the same filesystem as the rest
+        run_config=RunConfig(name=job_id, storage_path=f"{runs_path}/ray_runs", storage_filesystem=runs_fs,
                              # a worker group that cannot start (its resources taken since reserve()) is retried
                              # a few times, not forever as Ray Train's default would
                              failure_config=FailureConfig(max_failures=job.max_failures,
@@ -156,18 +163,18 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
             "job_id": job_id, "name": job.name, "base_model": base.served_name, "base_path": base.path,
             "base_fingerprint": model_fingerprint(base.path), "config": json.loads(job.model_dump_json()),
             "metrics": after, "metrics_before": before, "eval_passed": ok, "eval_failures": failures,
-            "data_sha256": files_hash(job.train_files + ([job.validation_file] if job.validation_file else [])),
+            "data_sha256": data_sha256,
             "train_rows": len(train), "validation_rows": len(val), "global_step": state["global_step"],
             "trained_tokens": state["tokens_seen"], "train_seconds": round(train_seconds, 2),
             "created_at": int(time.time()),
         }
-        target = Path(job.storage_root) / "outputs" / job_id / "adapter"
-        publish_dir(ckpt, target, {"metadata.json": json.dumps(metadata, indent=2)})
+        key = f"outputs/{job_id}/adapter"
+        publish_adapter(ckpt, store.storage, key, {"metadata.json": json.dumps(metadata, indent=2)})
     store.add_event(job_id, "eval", f"metrics {after} (base: {before}); thresholds "
                     f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
-    shutil.rmtree(job_dir / "fault_injected", ignore_errors=True)
-    return store.update(job_id, adapter_dir=str(target), metrics=after, metrics_before=before, eval_passed=ok,
-                        trained_tokens=state["tokens_seen"])
+    # the record names the adapter only once every file is there
+    return store.update(job_id, adapter_dir=store.storage.url(key), metrics=after, metrics_before=before,
+                        eval_passed=ok, trained_tokens=state["tokens_seen"])
 
 
 def _say(store: JobStore, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -198,8 +205,6 @@ class JobHandle:
         return self._store.events(self.id)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
-        import ray
-
         ray.wait([self._ref], timeout=timeout)
         return self.status()
 
@@ -216,8 +221,6 @@ def cancel_job(store: JobStore, job_id: str, ref: Any | None) -> JobRecord:
     through the state API, which a cluster without the dashboard does not have. Only a task that ignores
     the graceful cancel for CANCEL_GRACE_S is killed.
     """
-    import ray
-
     record = store.get(job_id)
     if record is None:
         raise KeyError(job_id)
@@ -242,7 +245,6 @@ def cancel_job(store: JobStore, job_id: str, ref: Any | None) -> JobRecord:
 
 def submit(job: FineTuneJob | dict[str, Any], on_success: OnSuccess | None = None) -> JobHandle:
     """Starts a job as a Ray task (``ray.init()`` or RAY_ADDRESS first) and returns its handle."""
-    import ray
 
     job = job if isinstance(job, FineTuneJob) else FineTuneJob.model_validate(job)
     job_id = new_job_id()

@@ -12,21 +12,28 @@ checkpoint already trained: every row is trained once per epoch, kill or no kill
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from peft import LoraConfig, get_peft_model
+from ray.experimental.tqdm_ray import tqdm
+from transformers import AutoModelForCausalLM
 
 from llmaas.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from llmaas.training.config import FineTuneJob
 from llmaas.training.data import pad_batch
+from llmaas.training.store import JobStore
 
 
 def lr_at(step: int, total: int, job: FineTuneJob) -> float:
@@ -42,26 +49,33 @@ def lr_at(step: int, total: int, job: FineTuneJob) -> float:
     return job.learning_rate
 
 
-class LoRAFineTuneRecipe:
-    def __init__(self, config: dict[str, Any]) -> None:
-        import ray
-        import ray.train
+@dataclass(frozen=True)
+class RecipeConfig:
+    """What the driver hands every worker (Ray Train's ``train_loop_config`` carries it as {"recipe": ...})."""
 
-        self.job = FineTuneJob.model_validate(config["job"])
-        self.rows: list[tuple[list[int], list[int]]] = ray.get(config["train_rows"])  # (input_ids, labels)
-        self.base_path: str = config["base_path"]
-        self.pad_id: int = config["pad_id"]
-        self.steps_per_epoch: int = config["steps_per_epoch"]
-        self.events_path = Path(config["events_path"])
-        self.fault_marker = Path(config["fault_marker"])
+    job: FineTuneJob
+    job_id: str
+    base_path: str  # the base model's checkpoint directory
+    pad_id: int
+    steps_per_epoch: int  # optimizer steps per epoch on each worker
+    train_rows: ray.ObjectRef  # [(input_ids, labels)] of every training row, put once by the driver
+
+
+class LoRAFineTuneRecipe:
+    def __init__(self, config: RecipeConfig) -> None:
+        self.job = config.job
+        self.job_id = config.job_id
+        self.rows: list[tuple[list[int], list[int]]] = ray.get(config.train_rows)  # (input_ids, labels)
+        self.base_path = config.base_path
+        self.pad_id = config.pad_id
+        self.steps_per_epoch = config.steps_per_epoch
+        self.store = JobStore(self.job.storage_root)  # events go where the driver's go
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.node_id = ray.get_runtime_context().get_node_id()
 
     # ----- setup -----
     def setup(self) -> None:
-        import ray.train
-
         torch.manual_seed(self.job.seed)
         self._setup_model()
         self._setup_optimizer()
@@ -75,10 +89,6 @@ class LoRAFineTuneRecipe:
         self.resumed_from = self.state.global_step  # 0 for a fresh start: names this attempt in `rows` events
 
     def _setup_model(self) -> None:
-        import ray.train.torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
         base = AutoModelForCausalLM.from_pretrained(self.base_path, use_safetensors=True, dtype=torch.float32)
         lora = self.job.lora
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -113,8 +123,6 @@ class LoRAFineTuneRecipe:
 
     # ----- loop -----
     def train(self) -> None:
-        import ray.train
-
         self._event("worker", f"rank {self.rank} on node {self.node_id[:8]}", {"rank": self.rank,
                                                                               "node_id": self.node_id},
                     all_ranks=True)
@@ -122,8 +130,6 @@ class LoRAFineTuneRecipe:
         total = self.steps_per_epoch * job.epochs
         bar = None
         if self.rank == 0:
-            from ray.experimental.tqdm_ray import tqdm
-
             bar = tqdm(total=total, desc=f"fine-tune {job.name}", unit="step")
             bar.update(self.state.global_step)  # a resumed run starts where its checkpoint was
         device = next(self.peft_model.parameters()).device
@@ -180,16 +186,13 @@ class LoRAFineTuneRecipe:
         step = self.job.fault_injection_step
         if step is None or self.state.global_step != step or self.rank != min(1, self.world - 1):
             return
-        if not self.fault_marker.exists():
-            self.fault_marker.write_text(str(step))
+        if self.store.claim_once(self.job_id, "fault_injected"):  # once per job: the resumed attempt trains on
             # Ray Train's controller takes reported checkpoints when it polls the workers (every 2 s): waiting
             # past a poll makes the drill deterministic, the kill lands after the last checkpoint was taken.
             time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)  # a dead process, as a lost node or the OOM killer leaves it
 
     def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
-        import ray.train
-
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d), self.peft_model, self.optimizer, self.state)
@@ -202,12 +205,10 @@ class LoRAFineTuneRecipe:
     def _event(self, kind: str, message: str, data: dict[str, Any], all_ranks: bool = False) -> None:
         if self.rank != 0 and not all_ranks:
             return
-        with self.events_path.open("a") as f:  # one line per event; readers skip a torn last line
-            f.write(json.dumps({"type": kind, "message": message, "data": data, "created_at": int(time.time())})
-                    + "\n")
+        self.store.add_event(self.job_id, kind, message, data)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    recipe = LoRAFineTuneRecipe(config)
+def train_loop_per_worker(config: dict[str, RecipeConfig]) -> None:
+    recipe = LoRAFineTuneRecipe(config["recipe"])
     recipe.setup()
     recipe.train()

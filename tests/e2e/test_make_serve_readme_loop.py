@@ -76,7 +76,7 @@ def make_serve(tmp_path_factory, default_model_dir):  # default_model_dir: what 
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmaas.app.cli", "adapters", "--url", url, *args],
+    return subprocess.run([sys.executable, "-m", "llmaas.deployments.cli", "adapters", "--url", url, *args],
                           capture_output=True, text=True, timeout=120)
 
 

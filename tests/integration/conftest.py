@@ -1,14 +1,17 @@
 """One Ray instance and one Serve app per test session: the real graph, real HTTP, a tiny chat model."""
 from __future__ import annotations
 
+import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.s3server import make_bucket
 
 APP = "llmaas"
 
@@ -68,7 +71,8 @@ def assert_aborted_and_freed(app: str, before: dict[str, dict], aborted: int, wi
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
+    """One Ray for the session, started after the S3 test server so every Ray worker inherits its AWS_* env."""
     import ray
     from ray import serve
 
@@ -81,9 +85,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+def new_storage_root(tmp_path_factory, s3_server: str, name: str) -> str:
+    """A fresh storage root: a temp dir, or with LLMAAS_TEST_STORAGE=s3 a new bucket on the S3 test server."""
+    if os.environ.get("LLMAAS_TEST_STORAGE", "local") == "s3":
+        bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+        make_bucket(s3_server, bucket)
+        return f"s3://{bucket}/llmaas"
+    return str(tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
-def storage_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("storage")
+def storage_root(tmp_path_factory, s3_server) -> str:
+    return new_storage_root(tmp_path_factory, s3_server, "storage")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ def main(tiny_chat_dir: str, storage: str, data_file: str) -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from llmaas.app.config import AppConfig
+    from llmaas.deployments.config import AppConfig
     from llmaas.deployments.llm_server import LLMServer
     from llmaas.deployments.router import Router
     from llmaas.deployments.tokenizer import Tokenizer

@@ -221,7 +221,7 @@ def test_adapters_cli_round_trip(base_url, adapter_dirs):
     import sys
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "llmaas.app.cli", "adapters", "--url", base_url, *argv],
+        return subprocess.run([sys.executable, "-m", "llmaas.deployments.cli", "adapters", "--url", base_url, *argv],
                               capture_output=True, text=True, timeout=120)
 
     assert cli("register", "clitest", adapter_dirs[0], "--promote").returncode == 0

@@ -9,7 +9,7 @@ def default_client(ray_cluster, serve_app, tmp_path_factory):
     import openai
     from ray import serve
 
-    from llmaas.app.builder import build_app
+    from llmaas.deployments.builder import build_app
 
     args = {"engine": {"torch_threads": 1, "kv_cache_memory_gb": 0.2},
             "storage_root": str(tmp_path_factory.mktemp("default-storage"))}

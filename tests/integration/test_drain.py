@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
-from llmaas.app.config import AppConfig
+from llmaas.deployments.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer

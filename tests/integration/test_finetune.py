@@ -40,7 +40,7 @@ def test_two_worker_job_learns_and_adapter_serves_like_peft(ray_cluster, tiny_ch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+    from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
     from llmaas.training.jobs import run_job
     from llmaas.training.store import JobStore
 

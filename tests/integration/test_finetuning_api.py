@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from llmaas.app.storage import open_storage
 from tests.integration.conftest import live_train_actors, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "sentiment"
@@ -39,7 +40,8 @@ def training_file(client):
                                purpose="fine-tune")
 
 
-def test_upload_finetune_and_chat_with_the_new_version(client, training_file, tiny_chat_dir, default_tokenizer):
+def test_upload_finetune_and_chat_with_the_new_version(client, training_file, tiny_chat_dir, default_tokenizer,
+                                                        tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -64,12 +66,13 @@ def test_upload_finetune_and_chat_with_the_new_version(client, training_file, ti
     alias = client.chat.completions.create(model="mood", messages=REVIEW, max_tokens=6, temperature=0)
     assert alias.model == "mood@1" and alias.choices[0].message.content == r.choices[0].message.content
 
-    record_dir = Path(httpx.get(str(client.base_url).rstrip("/") + "/adapters", timeout=30).json()
-                      ["adapters"]["mood"]["versions"]["1"]["path"])
-    assert record_dir.parts[:2] == ("adapters", "mood")
-    storage = Path(client._storage_root)
+    record_dir = httpx.get(str(client.base_url).rstrip("/") + "/adapters", timeout=30).json()[
+        "adapters"]["mood"]["versions"]["1"]["path"]
+    assert record_dir.startswith("adapters/mood/")
+    local = tmp_path / "published"
+    open_storage(client._storage_root).download_dir(record_dir, local)  # what the registry published, wherever
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(storage / record_dir)).eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(local)).eval()
     prompt_ids = default_tokenizer.apply_chat_template(REVIEW, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False)
     ids = torch.tensor([prompt_ids])

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from ray import serve
 
-from llmaas.app.builder import build_app
+from llmaas.deployments.builder import build_app
 from tests.integration.conftest import engine_stats
 from tests.integration.test_metrics import scrape
 from tests.models import make_peft_adapter

@@ -10,23 +10,25 @@ import pytest
 import ray
 from ray import serve
 
-from llmaas.app.builder import build_app
-from llmaas.app.registry_service import actor_name
+from llmaas.app.registry import Registry
+from llmaas.deployments.builder import build_app
+from llmaas.deployments.registry_service import actor_name
+from tests.integration.conftest import new_storage_root
 
 APP = "restart-app"
 
 
 @pytest.fixture(scope="module")
-def restart_setup(ray_cluster, app_args, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("restart-storage")
-    args = {**app_args, "storage_root": str(storage), "finetuning": {"num_workers": 1}}
+def restart_setup(ray_cluster, app_args, tmp_path_factory, s3_server):
+    storage = new_storage_root(tmp_path_factory, s3_server, "restart-storage")  # a bucket with LLMAAS_TEST_STORAGE=s3
+    args = {**app_args, "storage_root": storage, "finetuning": {"num_workers": 1}}
     serve.run(build_app(args), name=APP, route_prefix="/restart")
     client = openai.OpenAI(base_url=f"{ray_cluster}/restart/v1", api_key="unused", max_retries=0, timeout=60)
     return args, client, storage
 
 
 def test_a_registry_restored_to_an_older_generation_is_taken(restart_setup, tiny_chat_dir, ray_cluster, tmp_path):
-    """An operator restores registry.json from a backup (its generation is lower than what Routers saw): the
+    """An operator restores registry/ from a backup (its newest generation is older than what Routers saw): the
     registry moves its generation past theirs and they take the restored state, instead of ignoring it (and
     long-polling in a hot loop)."""
     from transformers import AutoModelForCausalLM
@@ -46,10 +48,12 @@ def test_a_registry_restored_to_an_older_generation_is_taken(restart_setup, tiny
         return {m.id for m in client.models.list().data}
 
     register("older")
-    backup = (storage / "registry.json").read_text()
+    registry = Registry(storage)
+    backup = set(registry.doc.generations())
     register("newer")
     assert wait_until(lambda: "newer" in models(), timeout=10)
-    (storage / "registry.json").write_text(backup)  # the restore, then the registry actor re-reads its file
+    for generation in set(registry.doc.generations()) - backup:  # the restore, then the registry actor re-reads
+        registry.storage.delete(registry.doc.key(generation))
     ray.get(ray.get_actor(actor_name("registry", storage), namespace="llmaas").reload.remote())
     assert wait_until(lambda: "newer" not in models() and "older" in models(), timeout=10), models()
 

@@ -11,13 +11,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_config_validates_and_names_real_deployments():
     from ray.serve.schema import ServeDeploySchema
 
-    from llmaas.app.builder import build_app
-    from llmaas.app.config import AppConfig
+    from llmaas.deployments.builder import build_app
+    from llmaas.deployments.config import AppConfig
 
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     app_spec = schema.applications[0]
-    assert app_spec.import_path == "llmaas.app.builder:build_app"
+    assert app_spec.import_path == "llmaas.deployments.builder:build_app"
     AppConfig.model_validate(app_spec.args)  # args are a valid AppConfig
     built = build_app(app_spec.args)
     names = {built._bound_deployment.name}

@@ -5,8 +5,9 @@ import pydantic
 import pytest
 import torch
 
-from llmaas.app.config import AppConfig, EngineSettings
-from llmaas.deployments.engine.dtype_probe import choose
+from llmaas.app.config import EngineSettings
+from llmaas.deployments.config import AppConfig
+from llmaas.engine.dtype_probe import choose
 
 
 def test_the_cpu_dtype_rule_takes_bf16_only_when_clearly_faster():
@@ -17,7 +18,7 @@ def test_the_cpu_dtype_rule_takes_bf16_only_when_clearly_faster():
 
 def test_auto_dtype_on_cpu_is_what_the_probe_timed(monkeypatch):
     """auto follows the timings (injected here: the machine's own are noise to a test), whatever the CPU flags."""
-    from llmaas.deployments.engine import dtype_probe
+    from llmaas.engine import dtype_probe
 
     for fp32_s, bf16_s, expected in ((1.0, 0.25, torch.bfloat16), (1.0, 1.8, torch.float32)):
         timings = {torch.float32: fp32_s, torch.bfloat16: bf16_s}

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from llmaas.deployments.engine import AsyncLLMEngine, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from llmaas.engine import AsyncLLMEngine, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from tests.models import tiny_llama
 
 PARAMS = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -70,7 +70,7 @@ def test_invalid_request_raises_before_streaming(model):
 
 
 def test_dead_engine_loop_fails_streams_and_health(model):
-    from llmaas.deployments.engine import EngineDeadError
+    from llmaas.engine import EngineDeadError
 
     engine = make(model)
 

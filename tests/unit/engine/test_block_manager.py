@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmaas.deployments.engine.block_manager import BlockManager
-from llmaas.deployments.engine.sampling_params import SamplingParams
-from llmaas.deployments.engine.sequence import Sequence
+from llmaas.engine.block_manager import BlockManager
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.engine.sequence import Sequence
 
 
 def seq(n_prompt: int) -> Sequence:

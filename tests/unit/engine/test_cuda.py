@@ -19,8 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
-from llmaas.deployments.engine import model_runner
+from llmaas.engine import EngineConfig, LLMEngine, SamplingParams, model_runner
 from tests.models import make_peft_adapter, tiny_llama
 
 DEVICE = "cuda"

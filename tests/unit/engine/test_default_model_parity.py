@@ -27,7 +27,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.slow
 

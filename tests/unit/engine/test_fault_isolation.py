@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from llmaas.deployments.engine import (
+from llmaas.engine import (
     AsyncLLMEngine,
     EngineConfig,
     EngineDeadError,
@@ -111,7 +111,7 @@ def test_a_fault_in_one_request_fails_only_that_request(setup, stage, after_call
 def test_a_fault_after_the_draw_leaves_seeded_batch_mates_on_their_stream(setup, monkeypatch):
     """The victim's logprobs fail after the batched draw advanced every seeded generator: the row-by-row retry
     restores the random state first, so the seeded batch-mate still gets exactly its tokens."""
-    from llmaas.deployments.engine import model_runner
+    from llmaas.engine import model_runner
 
     real = model_runner.pick_logprobs
 

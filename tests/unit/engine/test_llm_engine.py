@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from llmaas.deployments.engine import EngineConfig, FinishReason, InvalidRequestError, LLMEngine, SamplingParams
+from llmaas.engine import EngineConfig, FinishReason, InvalidRequestError, LLMEngine, SamplingParams
 from tests.models import tiny_llama
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -198,7 +198,7 @@ def test_qwen2_with_qkv_bias_matches_hf():
 def test_unsupported_architecture_named_in_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmaas.deployments.engine import UnsupportedModelError
+    from llmaas.engine import UnsupportedModelError
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from llmaas.deployments.engine import EngineConfig, LLMEngine, SamplingParams
+from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.models import tiny_llama
 
 NUM_TOP = 5

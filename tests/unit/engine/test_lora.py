@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from llmaas.deployments.engine import AdapterError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
-from llmaas.deployments.engine.lora import SlotTable
+from llmaas.engine import AdapterError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from llmaas.engine.lora import SlotTable
 from tests.models import ALL_LORA_MODULES, make_peft_adapter, tiny_llama
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -161,7 +161,7 @@ def test_prefix_cache_never_shares_blocks_across_adapters(base, tmp_path):
     ([(0, 6, 2)], False),  # one adapter
 ])
 def test_segmented_lora_equals_a_naive_per_row_reference(segments, padded):
-    from llmaas.deployments.engine.lora import AdapterWeights, LoRABatch, LoRAPool
+    from llmaas.engine.lora import AdapterWeights, LoRABatch, LoRAPool
 
     g = torch.Generator().manual_seed(0)
     shapes = {"q_proj": (8, 12)}
@@ -181,7 +181,7 @@ def test_segmented_lora_equals_a_naive_per_row_reference(segments, padded):
 
 
 def test_padded_layout_gathers_the_slots_when_few_are_in_use():
-    from llmaas.deployments.engine.lora import LoRABatch, LoRAPool
+    from llmaas.engine.lora import LoRABatch, LoRAPool
 
     pool = LoRAPool(8, 4, 1, {"q_proj": (8, 12)}, torch.float32, "cpu")
     assert pool.prepare(LoRABatch([(0, 1, 5), (1, 2, 3)]), "cpu").slots.tolist() == [5, 3]
@@ -191,7 +191,7 @@ def test_padded_layout_gathers_the_slots_when_few_are_in_use():
 @pytest.mark.parametrize("segments", [[(0, 2, 1), (2, 5, 0), (5, 6, 2)], [(0, 40, 0), (40, 41, 2), (41, 42, 1)]])
 def test_grouped_projections_equal_one_at_a_time(segments):
     """q/k/v share one stacked A matmul; each output must equal its own apply (and the naive reference)."""
-    from llmaas.deployments.engine.lora import AdapterWeights, LoRABatch, LoRAPool
+    from llmaas.engine.lora import AdapterWeights, LoRABatch, LoRAPool
 
     g = torch.Generator().manual_seed(1)
     shapes = {"q_proj": (8, 12), "k_proj": (8, 4), "v_proj": (8, 4)}

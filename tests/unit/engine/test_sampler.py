@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmaas.deployments.engine.sampler import apply_top_k_top_p, sample
-from llmaas.deployments.engine.sampling_params import SamplingParams
+from llmaas.engine.sampler import apply_top_k_top_p, sample
+from llmaas.engine.sampling_params import SamplingParams
 
 
 def logits_rows(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from llmaas.deployments.engine.block_manager import BlockManager
-from llmaas.deployments.engine.config import EngineConfig
-from llmaas.deployments.engine.sampling_params import SamplingParams
-from llmaas.deployments.engine.scheduler import Scheduler
-from llmaas.deployments.engine.sequence import Sequence, SequenceStatus
+from llmaas.engine.block_manager import BlockManager
+from llmaas.engine.config import EngineConfig
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.engine.scheduler import Scheduler
+from llmaas.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=16, block_size=4, budget=32, max_seqs=4) -> Scheduler:
@@ -131,7 +131,7 @@ def test_a_request_waiting_for_a_lora_slot_does_not_hold_up_others():
 def test_a_request_waiting_for_a_lora_slot_is_not_starved_by_steady_traffic():
     """Requests for the resident adapter keep arriving, each running two steps, so its slot is never unpinned;
     after MAX_SLOT_WAITS steps they wait too (base requests still run), the pins drain and "b" gets the slot."""
-    from llmaas.deployments.engine.scheduler import MAX_SLOT_WAITS
+    from llmaas.engine.scheduler import MAX_SLOT_WAITS
 
     cfg = EngineConfig(max_model_len=64, num_kv_blocks=256, block_size=4, max_num_batched_tokens=64, max_num_seqs=8,
                        max_loras=1)

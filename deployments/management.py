@@ -1,33 +1,34 @@
 """Files, fine-tuning jobs and adapter administration: the Router's non-inference routes, free of FastAPI."""
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.app.errors import InvalidRequest, NotFound
-from llmaas.app.files import FileObject, FileStore
-from llmaas.app.finetuning import (
+from llmaas.app.protocol import cursor_page
+from llmaas.app.registry import BaseModelInfo, RegistryState, check_owner, parse_model_id, validate_name
+from llmaas.deployments.job_runner import RegisterOnSuccess, get_job_runner
+from llmaas.deployments.registry_service import get_registry_service
+from llmaas.training.api import (
     FineTuningJobObject,
     FineTuningJobRequest,
-    RegisterOnSuccess,
     build_job,
     checkpoints_page,
     events_page,
-    get_job_runner,
     job_object,
 )
-from llmaas.app.registry import BaseModelInfo, RegistryState, check_owner, parse_model_id, validate_name
-from llmaas.app.registry_service import get_registry_service
 from llmaas.training.config import JobResources
+from llmaas.training.files import FileObject, FileStore
 from llmaas.training.store import JobRecord, JobStore, new_job_id
 
 
 class RegisterAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Adapter name; the new version is name@N.")
-    path: str = Field(description="A PEFT LoRA directory on storage every replica can read (safetensors only).")
+    path: str = Field(description="A PEFT LoRA directory (safetensors only): a path the Router's node can read, "
+                                  "or an s3:// / gs:// prefix; its files are copied into the storage root.")
     promote: bool = Field(False, description="Move the alias to the new version at once.")
     owner: str | None = Field(None, description="Tenant that owns it; none = shared with every tenant.")
 
@@ -39,10 +40,10 @@ class PromoteRequest(BaseModel):
 
 
 class Management:
-    def __init__(self, storage_root: Path, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
+    def __init__(self, storage_root: str, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
                  max_upload_bytes: int, job_resources: JobResources | None = None, max_jobs_per_tenant: int = 2,
                  files: FileStore | None = None) -> None:
-        self.storage_root = Path(storage_root)
+        self.storage_root = storage_root
         self.base_path = base_path
         self.base_info = base_info
         self.base_names = base_names
@@ -64,8 +65,8 @@ class Management:
         if req.model not in self.base_names:
             raise InvalidRequest(f"fine-tuning starts from the served base model ({', '.join(self.base_names)}), "
                                  f"not {req.model!r}", param="model")
-        train = self.files.data_path(req.training_file, owner)
-        val = self.files.data_path(req.validation_file, owner) if req.validation_file else None
+        train = await asyncio.to_thread(self.files.data_url, req.training_file, owner)
+        val = await asyncio.to_thread(self.files.data_url, req.validation_file, owner) if req.validation_file else None
         job_id = new_job_id()
         job = build_job(req, self.base_path, self.storage_root, train, val, default_name=f"ft-{job_id[6:14]}",
                         resources=self.job_resources)
@@ -75,7 +76,7 @@ class Management:
         record = JobRecord(id=job_id, job=job.model_dump(mode="json"), owner=owner,
                            api={"model": req.model, "training_file": req.training_file,
                                 "validation_file": req.validation_file, "metadata": req.metadata})
-        on_success = RegisterOnSuccess(str(self.storage_root), self.base_info, owner)
+        on_success = RegisterOnSuccess(self.storage_root, self.base_info, owner)
         await self.runner.submit.remote(record, job, on_success, self.max_jobs_per_tenant)
         return job_object(record)
 
@@ -92,12 +93,8 @@ class Management:
         return job_object(self._record(job_id, owner))
 
     def list_jobs(self, limit: int, after: str | None, owner: str | None = None) -> dict[str, Any]:
-        records = [r for r in self.jobs.list() if owner is None or r.owner == owner]
-        if after is not None:
-            ids = [r.id for r in records]
-            records = records[ids.index(after) + 1:] if after in ids else []
-        return {"object": "list", "data": [job_object(r).model_dump() for r in records[:limit]],
-                "has_more": len(records) > limit}
+        return cursor_page([job_object(r).model_dump() for r in self.jobs.list() if owner is None or r.owner == owner],
+                           limit, after)
 
     async def cancel_job(self, job_id: str, owner: str | None = None) -> FineTuningJobObject:
         self._record(job_id, owner)
@@ -108,7 +105,7 @@ class Management:
         return events_page(self.jobs, job_id, limit, after)
 
     def job_checkpoints(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
-        return checkpoints_page(self._record(job_id, owner))
+        return checkpoints_page(self.jobs, self._record(job_id, owner))
 
     # ----- adapters -----
     async def register_adapter(self, req: RegisterAdapterRequest) -> tuple[str, RegistryState]:

@@ -8,14 +8,14 @@ asyncio front for servers). Importable without installing llmaas: relative impor
 from .async_engine import AsyncLLMEngine, EngineDeadError
 from .config import EngineConfig
 from .llm_engine import InvalidRequestError, LLMEngine, RequestFailedError, StepOutput
-from .lora import AdapterError
+from .lora import LORA_TARGET_MODULES, AdapterError, check_fits, load_peft_adapter, projection_shapes
 from .model import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 from .sampler import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import FinishReason
 
 __all__ = [
-    "AdapterError", "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError", "LLMEngine",
-    "RequestFailedError", "SUPPORTED_ARCHITECTURES", "SamplingParams", "StepOutput", "TokenLogprob",
-    "UnsupportedModelError",
+    "AdapterError", "AsyncLLMEngine", "EngineConfig", "EngineDeadError", "FinishReason", "InvalidRequestError",
+    "LLMEngine", "LORA_TARGET_MODULES", "RequestFailedError", "SUPPORTED_ARCHITECTURES", "SamplingParams",
+    "StepOutput", "TokenLogprob", "UnsupportedModelError", "check_fits", "load_peft_adapter", "projection_shapes",
 ]

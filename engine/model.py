@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMetadata, KVCache, paged_attention
-from .lora import GROUPS, LoRABatch, LoRAPool
+from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QKV, GATE_UP = GROUPS
@@ -68,8 +68,7 @@ class CausalLM(nn.Module):
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-targetable projection."""
         layer = self.layers[0]
-        mods = {n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mods |= {n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}
+        mods = {n: getattr(layer.self_attn, n) for n in ATTN_MODULES} | {n: getattr(layer.mlp, n) for n in MLP_MODULES}
         return {n: (m.in_features, m.out_features) for n, m in mods.items()}
 
     @property

@@ -19,11 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODULES = ATTN_MODULES + MLP_MODULES
+LORA_TARGET_MODULES = ATTN_MODULES + MLP_MODULES  # every projection an adapter may target: training uses the same
+
+
+def projection_shapes(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                      intermediate: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-targetable projection of a Llama-style decoder layer."""
+    kv = num_kv_heads * head_dim
+    return {"q_proj": (hidden, num_heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+            "o_proj": (num_heads * head_dim, hidden), "gate_proj": (hidden, intermediate),
+            "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
 
 
 class AdapterError(ValueError):
@@ -51,8 +61,6 @@ def check_fits(adapter: AdapterWeights, projection_shapes: dict[str, tuple[int, 
 
 def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: int) -> AdapterWeights:
     """Reads a PEFT LoRA directory: adapter_config.json + adapter_model.safetensors (never pickle)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
@@ -86,8 +94,9 @@ def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: in
             continue
         parts = key.split(".")
         module = parts[parts.index("lora_A") - 1]
-        if module not in SUPPORTED_MODULES:
-            raise AdapterError(f"{path}: target module {module!r} is not supported; use {', '.join(SUPPORTED_MODULES)}")
+        if module not in LORA_TARGET_MODULES:
+            raise AdapterError(f"{path}: target module {module!r} is not supported; "
+                               f"use {', '.join(LORA_TARGET_MODULES)}")
         if "layers" not in parts or not parts[parts.index("layers") + 1].isdigit():
             raise AdapterError(f"{path}: {key} names no decoder layer")
         layer = int(parts[parts.index("layers") + 1])

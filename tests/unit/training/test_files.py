@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
 from llmaas.app.errors import Forbidden, InvalidRequest, PayloadTooLarge
-from llmaas.app.files import FileStore
+from llmaas.training.files import FileStore
 
 ROW = b'{"prompt": "a", "completion": "b"}\n'
 
 
 def leftovers(store: FileStore) -> list[str]:
-    return sorted(p.name for p in store.root.iterdir() if p.name.startswith("."))
+    """Keys that no listed file accounts for (a half-published upload)."""
+    listed = {f"files/{f.id}{suffix}" for f in store.list() for suffix in (".json", ".jsonl")}
+    return sorted(set(store.storage.list("")) - listed)
 
 
 def test_an_upload_is_streamed_validated_and_published(tmp_path):
     store = FileStore(tmp_path)
     obj = store.create(io.BytesIO(ROW * 3000), "t.jsonl", "fine-tune", owner="alice", max_bytes=1 << 20)
     assert obj.rows == 3000 and obj.bytes == len(ROW) * 3000
-    assert store.data_path(obj.id, "alice").read_bytes() == ROW * 3000
+    assert Path(store.data_url(obj.id, "alice")).read_bytes() == ROW * 3000
     assert leftovers(store) == []
 
 

@@ -9,16 +9,15 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .block_manager import BlockManager
-from .lora import AdapterError, AdapterWeights, check_fits, load_peft_adapter
 from .config import EngineConfig
+from .lora import AdapterError, AdapterWeights, check_fits, load_peft_adapter
 from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
-from .sampling_params import SamplingParams
 from .sampler import TokenLogprob
+from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import tempfile
 import threading
 import time
@@ -13,9 +12,11 @@ from typing import BinaryIO
 from pydantic import BaseModel
 
 from llmaas.app.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge
-from llmaas.app.storage import atomic_write, inside
+from llmaas.app.storage import Storage, open_storage
+from llmaas.training.data import DataError, validate_lines
 
 CHUNK = 1 << 20  # uploads are copied to disk a MiB at a time
+PREFIX = "files"
 
 
 class FileObject(BaseModel):
@@ -31,41 +32,39 @@ class FileObject(BaseModel):
 
 
 class FileStore:
-    def __init__(self, storage_root: Path | str, max_files_per_tenant: int | None = None,
+    """Uploads on the storage root: ``files/<id>.jsonl`` (the data) and ``files/<id>.json`` (its FileObject,
+    written last: a file exists once its object does)."""
+
+    def __init__(self, storage_root: Storage | Path | str, max_files_per_tenant: int | None = None,
                  max_bytes_per_tenant: int | None = None) -> None:
-        self.root = Path(storage_root).resolve() / "files"
+        self.storage = open_storage(storage_root) if isinstance(storage_root, (str, Path)) else storage_root
         self.max_files_per_tenant = max_files_per_tenant
         self.max_bytes_per_tenant = max_bytes_per_tenant
         self._owner_locks: dict[str | None, threading.Lock] = collections.defaultdict(threading.Lock)
 
-    def _path(self, file_id: str, suffix: str) -> Path:
+    @staticmethod
+    def _key(file_id: str, suffix: str) -> str:
         if not file_id.startswith("file-") or not file_id[5:].isalnum() or len(file_id) > 64:
             raise NotFound(f"file {file_id!r} not found", param="file_id")
-        return inside(self.root, file_id + suffix)
+        return f"{PREFIX}/{file_id}{suffix}"
 
     def create(self, src: BinaryIO, filename: str, purpose: str, owner: str | None = None,
                max_bytes: int | None = None) -> FileObject:
-        """Streams ``src`` to disk (never whole in memory, at most ``max_bytes``), validates it line by line,
-        then publishes it atomically. Blocking: the Router calls it in a worker thread."""
-        from llmaas.training.data import DataError, validate_lines
-
+        """Streams ``src`` to a local temp file (never whole in memory, at most ``max_bytes``), validates it line
+        by line, then uploads it and publishes its object. Blocking: the Router calls it in a worker thread."""
         if purpose != "fine-tune":
             raise InvalidRequest("purpose must be 'fine-tune'", param="purpose")
         self._check_quota(owner, 0)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=self.root)
-        tmp = Path(tmp_name)
-        try:
+        with tempfile.TemporaryDirectory(prefix="llmaas-upload-") as tmp:
+            local = Path(tmp) / "data.jsonl"
             size = 0
-            with os.fdopen(fd, "wb") as out:
+            with local.open("wb") as out:
                 while chunk := src.read(CHUNK):
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise PayloadTooLarge(f"upload exceeds {max_bytes} bytes", param="file")
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            with tmp.open("rb") as f:
+            with local.open("rb") as f:
                 try:
                     rows = validate_lines(f, filename or "upload")
                 except DataError as exc:
@@ -74,16 +73,13 @@ class FileStore:
                              filename=Path(filename or "upload.jsonl").name, purpose=purpose, rows=rows, owner=owner)
             with self._owner_locks[owner]:  # one Router replica's parallel uploads cannot pass the quota together
                 self._check_quota(owner, size)
-                data = self._path(obj.id, ".jsonl")
-                os.replace(tmp, data)
+                self.storage.upload_file(local, self._key(obj.id, ".jsonl"))
                 try:
-                    atomic_write(self._path(obj.id, ".json"), obj.model_dump_json())  # the file exists once this does
+                    self.storage.write(self._key(obj.id, ".json"), obj.model_dump_json().encode())
                 except BaseException:
-                    data.unlink(missing_ok=True)
+                    self.storage.delete(self._key(obj.id, ".jsonl"))
                     raise
-            return obj
-        finally:
-            tmp.unlink(missing_ok=True)
+        return obj
 
     def _check_quota(self, owner: str | None, new_bytes: int) -> None:
         """Each tenant's share of the storage: at most so many files and bytes (403 quota_exceeded above)."""
@@ -99,25 +95,30 @@ class FileStore:
                             "some files first", param="file", code="quota_exceeded")
 
     def get(self, file_id: str, owner: str | None = None) -> FileObject:
-        meta = self._path(file_id, ".json")
-        if not meta.is_file():
-            raise NotFound(f"file {file_id!r} not found", param="file_id")
-        obj = FileObject.model_validate_json(meta.read_text())
+        try:
+            obj = FileObject.model_validate_json(self.storage.read(self._key(file_id, ".json")))
+        except FileNotFoundError:
+            raise NotFound(f"file {file_id!r} not found", param="file_id") from None
         if owner is not None and obj.owner != owner:
             raise NotFound(f"file {file_id!r} not found", param="file_id")
         return obj
 
-    def data_path(self, file_id: str, owner: str | None = None) -> Path:
+    def data_url(self, file_id: str, owner: str | None = None) -> str:
+        """Where a fine-tuning job reads the file: a path, or an s3:// / gs:// URI."""
         self.get(file_id, owner)
-        return self._path(file_id, ".jsonl")
+        return self.storage.url(self._key(file_id, ".jsonl"))
 
     def list(self, owner: str | None = None) -> list[FileObject]:
-        if not self.root.is_dir():
-            return []
-        objs = [FileObject.model_validate_json(p.read_text()) for p in self.root.glob("file-*.json")]
+        objs = []
+        for key in self.storage.list(PREFIX):
+            if key.endswith(".json") and key.startswith(f"{PREFIX}/file-"):
+                try:
+                    objs.append(FileObject.model_validate_json(self.storage.read(key)))
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
         return sorted((o for o in objs if owner is None or o.owner == owner), key=lambda o: o.created_at)
 
     def delete(self, file_id: str, owner: str | None = None) -> None:
         self.get(file_id, owner)
-        for suffix in (".jsonl", ".json"):
-            self._path(file_id, suffix).unlink(missing_ok=True)
+        for suffix in (".json", ".jsonl"):  # the object first: the file is gone the moment it is
+            self.storage.delete(self._key(file_id, suffix))

@@ -1,8 +1,11 @@
-"""The `llmaas` command line."""
+"""The `llmaas` command line: prepare (convert the default model), finetune, adapters."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from llmaas.app import admin_cli
+from llmaas.training import cli as training_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,9 +13,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="convert and cache the default model (done on first serve otherwise)")
     prep.add_argument("--cache-dir", default=None)
-    from llmaas.app import admin_cli
-    from llmaas.training import cli as training_cli
-
     training_cli.add_parser(sub)
     admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "adapters":
         return admin_cli.run(args)
     if args.command == "prepare":
+        # torch and transformers load for this command only (see training.cli.run)
         from llmaas.app.config import ModelSettings
         from llmaas.app.model_source import resolve_model
 

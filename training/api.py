@@ -1,25 +1,20 @@
-"""Fine-tuning over the OpenAI API: request/response shapes and the JobRunner actor.
+"""Fine-tuning over the OpenAI API: request and response shapes, and the request -> FineTuneJob translation.
 
-Jobs run as Ray tasks owned by a detached JobRunner actor, outside the request path.
-Records and events persist under the storage root; a runner that starts finds any job
-left 'queued'/'running' by a previous life and marks it failed, so none is ever lost.
+The JobRunner actor that runs the jobs is a deployment-level piece (llmaas.deployments.job_runner).
 """
 from __future__ import annotations
 
-import asyncio
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmaas.app.errors import InvalidRequest, NotFound, RateLimited
-from llmaas.app.registry import BaseModelInfo
-from llmaas.app.registry_service import actor_name, get_registry_service
+from llmaas.app.errors import InvalidRequest
+from llmaas.app.names import BASE_ALIAS
+from llmaas.app.protocol import cursor_page
+from llmaas.app.storage import relative_key
 from llmaas.training.config import FineTuneJob, JobResources
-from llmaas.training.jobs import cancel_job
-from llmaas.training.store import TERMINAL, JobRecord, JobStore
+from llmaas.training.store import JobRecord, JobStore
 
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier scales this
 
@@ -78,7 +73,7 @@ def job_object(record: JobRecord) -> FineTuningJobObject:
     j, api = record.job, record.api
     return FineTuningJobObject(
         id=record.id, created_at=record.created_at, finished_at=record.finished_at,
-        model=api.get("model", j.get("base_model", "base")), fine_tuned_model=record.fine_tuned_model,
+        model=api.get("model", j.get("base_model", BASE_ALIAS)), fine_tuned_model=record.fine_tuned_model,
         status=record.status, trained_tokens=record.trained_tokens,
         training_file=api.get("training_file", ""), validation_file=api.get("validation_file"),
         hyperparameters={"n_epochs": j["epochs"], "batch_size": j["batch_size"],
@@ -89,11 +84,9 @@ def job_object(record: JobRecord) -> FineTuningJobObject:
         eval_passed=record.eval_passed)
 
 
-def build_job(req: FineTuningJobRequest, base_path: str, storage_root: Path, train_path: Path,
-              val_path: Path | None, default_name: str, resources: JobResources) -> FineTuneJob:
+def build_job(req: FineTuningJobRequest, base_path: str, storage_root: str, train_path: str,
+              val_path: str | None, default_name: str, resources: JobResources) -> FineTuneJob:
     """OpenAI request -> FineTuneJob with the operator's ``resources``; any invalid field is a 400 naming it."""
-    from pydantic import ValidationError
-
     hp = req.hyperparameters or Hyperparameters()
     raw: dict[str, Any] = {"name": req.suffix or default_name, "base_model": base_path,
                            "train_files": [str(train_path)], "storage_root": str(storage_root)}
@@ -127,92 +120,22 @@ def build_job(req: FineTuningJobRequest, base_path: str, storage_root: Path, tra
         raise InvalidRequest(f"{param}: {first['msg']}", param=param) from None
 
 
-class RegisterOnSuccess:
-    """Registers a finished job's adapter as a new version; promotes it when its eval passed."""
-
-    def __init__(self, storage_root: str, base: BaseModelInfo, owner: str | None) -> None:
-        self.storage_root = storage_root
-        self.base = base
-        self.owner = owner
-
-    def __call__(self, record: JobRecord) -> JobRecord:
-        job = FineTuneJob.model_validate(record.job)
-        registry = get_registry_service(self.storage_root)
-        version = ray.get(registry.register.remote(job.name, record.adapter_dir, self.base, source=f"job {record.id}",
-                                                   owner=self.owner, promote=bool(record.eval_passed)))
-        store = JobStore(self.storage_root)
-        store.add_event(record.id, "registered",
-                        f"registered {version}" + (" and promoted" if record.eval_passed else
-                                                   " as a candidate (eval thresholds missed)"), {"version": version})
-        return store.update(record.id, fine_tuned_model=version)
-
-
-def _run_job_task(job_json: str, job_id: str, on_success: RegisterOnSuccess) -> str:
-    from llmaas.training.jobs import run_job
-
-    return run_job(FineTuneJob.model_validate_json(job_json), job_id, on_success).status
-
-
-@ray.remote(num_cpus=0, max_restarts=-1)
-class JobRunner:
-    def __init__(self, storage_root: str) -> None:
-        self.storage_root = storage_root
-        self.store = JobStore(storage_root)
-        self.refs: dict[str, ray.ObjectRef] = {}
-        for record in self.store.list():  # jobs a previous runner left unfinished
-            if record.status not in TERMINAL:
-                self.store.add_event(record.id, "error", "the service restarted while this job was pending")
-                self.store.update(record.id, status="failed", error="interrupted: the job runner restarted")
-
-    def submit(self, record: JobRecord, job: FineTuneJob, on_success: RegisterOnSuccess,
-               max_active: int | None = None) -> JobRecord:
-        """Queues a job. The per-tenant cap is checked here, in the one runner actor, so the count and the new
-        record are one step: a burst of concurrent creates cannot pass it together."""
-        if max_active is not None:
-            active = [r for r in self.store.list() if r.owner == record.owner and r.status not in TERMINAL]
-            if len(active) >= max_active:  # fine-tuning cannot take the cluster
-                raise RateLimited(f"{len(active)} fine-tuning jobs are already queued or running (at most "
-                                  f"{max_active} at once); retry when one finishes", retry_after_s=60.0,
-                                  param="model", code="too_many_jobs")
-        self.store.save(record)
-        self.store.add_event(record.id, "status", "job queued")
-        task = ray.remote(num_cpus=0, max_retries=0)(_run_job_task)
-        self.refs[record.id] = task.remote(job.model_dump_json(), record.id, on_success)
-        return record
-
-    async def cancel(self, job_id: str) -> JobRecord:
-        if self.store.get(job_id) is None:
-            raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
-        # a thread: the graceful stop waits for the task, and the runner keeps answering meanwhile
-        return await asyncio.to_thread(cancel_job, self.store, job_id, self.refs.pop(job_id, None))
-
-    def running(self) -> list[str]:
-        ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=0) if self.refs else ([], [])
-        done = set(ready)
-        return [job_id for job_id, ref in self.refs.items() if ref not in done]
-
-
-def get_job_runner(storage_root: Path | str):
-    return JobRunner.options(name=actor_name("jobs", storage_root), namespace="llmaas", lifetime="detached",
-                             get_if_exists=True).remote(str(storage_root))
-
-
 def events_page(store: JobStore, job_id: str, limit: int, after: str | None) -> dict[str, Any]:
     events = [{"id": f"ftevent-{job_id[6:]}-{i}", "object": "fine_tuning.job.event", "created_at": e["created_at"],
                "level": "error" if e["type"] == "error" else "info", "message": e["message"], "type": e["type"],
                "data": e.get("data", {})} for i, e in enumerate(store.events(job_id))]
     events.reverse()  # newest first, as OpenAI lists them
-    if after is not None:
-        ids = [e["id"] for e in events]
-        events = events[ids.index(after) + 1:] if after in ids else []
-    return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+    return cursor_page(events, limit, after)
 
 
-def checkpoints_page(record: JobRecord) -> dict[str, Any]:
+def checkpoints_page(store: JobStore, record: JobRecord) -> dict[str, Any]:
     data = []
     if record.adapter_dir and record.fine_tuned_model:
-        meta_file = Path(record.adapter_dir) / "metadata.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        key = relative_key(store.storage, record.adapter_dir)
+        try:
+            meta = json.loads(store.storage.read(f"{key}/metadata.json")) if key else {}
+        except FileNotFoundError:
+            meta = {}
         data.append({"id": f"ftckpt-{record.id[6:]}", "object": "fine_tuning.job.checkpoint",
                      "created_at": record.finished_at or record.created_at,
                      "fine_tuned_model_checkpoint": record.fine_tuned_model, "fine_tuning_job_id": record.id,

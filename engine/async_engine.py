@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from .llm_engine import InvalidRequestError, LLMEngine, RequestFailedError, StepOutput
 from .sampling_params import SamplingParams
 
-
 T = TypeVar("T")
 
 

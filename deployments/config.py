@@ -1,0 +1,64 @@
+"""AppConfig: serve_config.yaml's ``args``, validated once by build_app() and passed to every deployment."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmaas.app.auth import AuthSettings
+from llmaas.app.config import EngineSettings, ModelSettings
+from llmaas.app.protocol import MAX_N
+from llmaas.app.rate_limit import RateLimitSettings
+from llmaas.app.serving import RequestLimits
+from llmaas.training.config import JobResources
+
+
+class AppConfig(BaseModel):
+    """``args`` of serve_config.yaml's application, validated by build_app()."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Which base model to serve.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Inference engine knobs.")
+    storage_root: str = Field(
+        str(Path.home() / ".cache" / "llmaas" / "storage"),
+        description="Registry, adapters, uploaded files, fine-tuning jobs and their checkpoints: a path (shared "
+                    "storage on a multi-node cluster) or an object store URI, s3://bucket/prefix or "
+                    "gs://bucket/prefix (credentials from the standard environment or the instance role).")
+    adapter_cache_mb: float = Field(
+        4096.0, gt=0, description="Local copies of adapter versions a model replica keeps when storage_root is an "
+                                  "object store (LRU by bytes).")
+    max_upload_mb: float = Field(100.0, gt=0, description="Largest /v1/files upload (413 above).")
+    max_body_mb: float = Field(4.0, gt=0, description="Largest JSON request body (413 above).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages per request.")
+    max_files_per_tenant: int = Field(100, ge=1, description="Uploaded files one tenant may keep (403 above).")
+    max_file_mb_per_tenant: float = Field(
+        1000.0, gt=0, description="Bytes of uploaded files one tenant may keep, in MB (403 quota_exceeded above).")
+    response_cache_size: int = Field(
+        0, ge=0, description="Cache this many deterministic (temperature 0 / seeded) responses; 0 turns it off.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and tenants; none = open.")
+    rate_limits: RateLimitSettings = Field(
+        default_factory=RateLimitSettings, description="Requests per minute per tenant (429 above); off by default.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="End-to-end limit per HTTP request, admission to last token (408 / in-band error "
+                                 "after it; the engine request is aborted); null = none.")
+    max_n: int = Field(8, ge=1, le=MAX_N, description="Largest `n` (choices per request) accepted.")
+    max_choices: int | None = Field(
+        None, ge=1, description="Most choices one request may ask for, prompts x n (a list of prompts fans out); "
+                                "default: max_n.")
+    max_jobs_per_tenant: int = Field(
+        2, ge=1, description="Fine-tuning jobs one tenant may have queued or running at once (429 above).")
+    finetuning: JobResources = Field(
+        default_factory=JobResources,
+        description="Cluster resources of every fine-tuning job submitted over the API (workers, CPUs/GPUs per "
+                    "worker, retries, how long to wait for resources); tenants cannot set these.")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")
+
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v  # a path or an s3:// / gs:// URI, kept as written
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_n=self.max_n, max_choices=self.max_choices or self.max_n,
+                             max_stop_sequences=self.max_stop_sequences, max_messages=self.max_messages)
