@@ -46,12 +46,17 @@ class VersionedDocument:
 
     def read(self) -> tuple[int, bytes | None]:
         """(generation, content) of the newest generation; (0, None) when there is none."""
+        gens, content = self._newest()
+        return (gens[-1] if gens else 0), content
+
+    def _newest(self) -> tuple[list[int], bytes | None]:
+        """(every generation listed, content of the newest): one listing serves the read and the prune after."""
         for _ in range(MAX_ATTEMPTS):
             gens = self.generations()
             if not gens:
-                return 0, None
+                return [], None
             try:
-                return gens[-1], self._body(self.storage.read(self.key(gens[-1])))[1]
+                return gens, self._body(self.storage.read(self.key(gens[-1])))[1]
             except FileNotFoundError:  # pruned between the listing and the read: a newer one exists
                 continue
         raise ServiceUnavailable(f"{self.prefix}: could not read a stable generation; retry")
@@ -61,12 +66,13 @@ class VersionedDocument:
         raise to abort (nothing is written) and is re-run after a lost race, so it must be a pure function of the
         content it is given."""
         for attempt in range(MAX_ATTEMPTS):
-            generation, content = self.read()
+            gens, content = self._newest()
+            generation = gens[-1] if gens else 0
             new_content, result = change(content)
             writer = uuid.uuid4().hex.encode()
             key = self.key(generation + 1)
             if self.storage.create(key, writer + b"\n" + new_content) or self._wrote(key, writer):
-                self._prune(generation + 1)
+                self._prune(gens, generation + 1)
                 return result
             time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))  # another writer won: back off, re-read
         raise ServiceUnavailable(f"{self.prefix}: too many concurrent writers; retry")
@@ -85,11 +91,11 @@ class VersionedDocument:
         writer, _, content = data.partition(b"\n")
         return writer, content
 
-    def _prune(self, newest: int) -> None:
-        """Best effort: the new generation is committed whatever happens here (a failed delete is retried by the
-        next writer's prune)."""
+    def _prune(self, listed: list[int], newest: int) -> None:
+        """Deletes the ``listed`` generations more than KEEP behind ``newest``. Best effort: the new generation is
+        committed whatever happens here (a failed delete is retried by the next writer's prune)."""
         try:
-            for generation in self.generations():
+            for generation in listed:
                 if generation < newest - KEEP:
                     self.storage.delete(self.key(generation))
         except OSError:

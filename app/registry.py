@@ -131,7 +131,7 @@ class Registry:
     """
 
     def __init__(self, storage: Storage | Path | str) -> None:
-        self.storage = open_storage(storage) if isinstance(storage, (str, Path)) else storage
+        self.storage = open_storage(storage)
         self.doc = VersionedDocument(self.storage, REGISTRY_PREFIX)
 
     # ----- persistence -----
@@ -221,7 +221,7 @@ class Registry:
 
     def promote(self, name: str, version: int, canary_share: float | None = None) -> RegistryState:
         """Moves the alias to ``version``; with canary_share, first splits traffic (old alias keeps the rest)."""
-        def change(state: RegistryState) -> None:
+        def change(state: RegistryState) -> RegistryState:
             entry = self._entry(state, name)
             if version not in entry.versions:
                 raise NotFound(f"model '{name}@{version}' not found", param="version", code="model_not_found")
@@ -235,13 +235,13 @@ class Registry:
                 if entry.alias is not None and entry.alias != version:
                     entry.alias_history.append(entry.alias)
                 entry.alias, entry.canary = version, None
+            return state  # the committed state (_edit bumps its generation): no second read of storage
 
-        self._edit(change)
-        return self.load()
+        return self._edit(change)
 
     def rollback(self, name: str) -> RegistryState:
         """Ends a canary (back to the alias) or moves the alias back to its previous target."""
-        def change(state: RegistryState) -> None:
+        def change(state: RegistryState) -> RegistryState:
             entry = self._entry(state, name)
             if entry.canary:
                 entry.canary = None
@@ -249,9 +249,9 @@ class Registry:
                 entry.alias = entry.alias_history.pop()
             else:
                 raise Conflict(f"{name} has no previous version to roll back to", param="name")
+            return state
 
-        self._edit(change)
-        return self.load()
+        return self._edit(change)
 
     def delete(self, name: str, version: int) -> None:
         def change(state: RegistryState) -> str:

@@ -37,7 +37,7 @@ class FileStore:
 
     def __init__(self, storage_root: Storage | Path | str, max_files_per_tenant: int | None = None,
                  max_bytes_per_tenant: int | None = None) -> None:
-        self.storage = open_storage(storage_root) if isinstance(storage_root, (str, Path)) else storage_root
+        self.storage = open_storage(storage_root)
         self.max_files_per_tenant = max_files_per_tenant
         self.max_bytes_per_tenant = max_bytes_per_tenant
         self._owner_locks: dict[str | None, threading.Lock] = collections.defaultdict(threading.Lock)

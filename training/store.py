@@ -54,7 +54,7 @@ class JobStore:
     """
 
     def __init__(self, root: Storage | Path | str) -> None:
-        self.storage = open_storage(root) if isinstance(root, (str, Path)) else root
+        self.storage = open_storage(root)
 
     def _doc(self, job_id: str) -> VersionedDocument:
         if not JOB_ID_RE.fullmatch(job_id):  # also keeps a key component under the OS's name limit

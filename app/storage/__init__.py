@@ -52,12 +52,13 @@ def relative_key(storage: Storage, url: str) -> str | None:
     return None
 
 
-def open_storage(root: str | Path) -> Storage:
+def open_storage(root: str | Path | Storage) -> Storage:
     """The storage for ``root``.
 
     Args:
-        root: A directory (``/srv/llmaas``, ``file:///srv/llmaas``) or an object-store
-            URI (``s3://bucket/prefix``; ``gs://bucket/prefix``, untested).
+        root: A directory (``/srv/llmaas``, ``file:///srv/llmaas``), an object-store
+            URI (``s3://bucket/prefix``; ``gs://bucket/prefix``, untested), or a Storage
+            already opened (returned as it is).
 
     Raises:
         ValueError: ``root`` is empty or has a scheme other than file, s3 or gs.
@@ -65,6 +66,8 @@ def open_storage(root: str | Path) -> Storage:
     """
     if isinstance(root, Path):
         return LocalStorage(root)
+    if not isinstance(root, str):  # already a Storage
+        return root
     text = root.strip()
     if not text:
         raise ValueError("storage root is empty; give a directory or an s3://bucket/prefix URI")
