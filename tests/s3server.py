@@ -64,7 +64,7 @@ def start_moto_server(timeout_s: float = 60.0) -> tuple[str, Callable[[], None]]
         if proc.poll() is not None:
             raise RuntimeError(f"moto server exited with {proc.returncode}; run `{sys.executable} "
                                f"{os.path.abspath(__file__)} -p {port} --parent 1` to see why "
-                               f"(is moto[server] installed?)")
+                               f"(is the test extra, moto[s3] + flask, installed?)")
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
             return endpoint, stop
