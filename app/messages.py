@@ -19,6 +19,9 @@ class GenerateRequest:
     params: SamplingParams
     adapter: str | None = None  # immutable version id ('sentiment@3'); None runs the base model
     cache_salt: str | None = None  # prefix-cache partition (the tenant, when the cache is scoped per tenant)
+    # How long the model stage may gather deltas into one message (the first and last go at once): 0 sends each
+    # as it comes, None only the first and the whole rest (a non-streaming request needs no more).
+    stream_interval_s: float | None = 0.0
 
 
 @dataclass(frozen=True, slots=True)

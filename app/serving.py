@@ -93,7 +93,7 @@ class RequestLimits:
 class OpenAIServing:
     def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, limits: RequestLimits,
                  cache: ResponseCache | None = None, observer: Observer | None = None,
-                 prefix_cache_per_tenant: bool = False) -> None:
+                 prefix_cache_per_tenant: bool = False, stream_interval_s: float = 0.0) -> None:
         self.backend = backend
         self.decoder = decoder
         self.catalog = catalog
@@ -101,6 +101,7 @@ class OpenAIServing:
         self.cache = cache or ResponseCache(0)
         self.observer = observer
         self.prefix_cache_per_tenant = prefix_cache_per_tenant
+        self.stream_interval_s = stream_interval_s
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
@@ -155,7 +156,8 @@ class OpenAIServing:
         return tenant if self.prefix_cache_per_tenant else None
 
     # ----- generation -----
-    async def _run_choice(self, request_id: str, choice: PreparedChoice, stops: list[str]) -> AsyncIterator[ChoiceEvent]:
+    async def _run_choice(self, request_id: str, choice: PreparedChoice, stops: list[str],
+                          interval_s: float | None) -> AsyncIterator[ChoiceEvent]:
         detok = IncrementalDetokenizer(self.decoder, choice.prompt.token_ids)
         matcher = StopMatcher(stops)
         num_prompt = len(choice.prompt.token_ids)
@@ -163,7 +165,8 @@ class OpenAIServing:
         started, first_token = time.perf_counter(), None
         pending: list[TokenLogprob] = []
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
-                                                       choice.params, choice.adapter, choice.cache_salt))
+                                                       choice.params, choice.adapter, choice.cache_salt,
+                                                       interval_s))
         try:
             async for delta in stream:
                 if first_token is None:
@@ -191,18 +194,23 @@ class OpenAIServing:
                                         first_token - started, time.perf_counter() - started, num_prompt,
                                         completion_tokens)
 
-    async def _run_all(self, request_id: str, choices: list[PreparedChoice],
-                       stops: list[str]) -> AsyncIterator[ChoiceEvent]:
-        """Interleaves the choices' events as they come."""
+    async def _run_all(self, request_id: str, choices: list[PreparedChoice], stops: list[str],
+                       stream: bool = True) -> AsyncIterator[ChoiceEvent]:
+        """Interleaves the choices' events as they come.
+
+        A stream's deltas come from the model stage every ``stream_interval_s``; a whole answer's come in one
+        message after the first token, unless stop strings have to be watched as the text grows.
+        """
+        interval = self.stream_interval_s if stream or stops else None
         if len(choices) == 1:
-            async for ev in self._run_choice(request_id, choices[0], stops):
+            async for ev in self._run_choice(request_id, choices[0], stops, interval):
                 yield ev
             return
         queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
 
         async def pump(choice: PreparedChoice) -> None:
             try:
-                async for ev in self._run_choice(request_id, choice, stops):
+                async for ev in self._run_choice(request_id, choice, stops, interval):
                     await queue.put(ev)
                 await queue.put(None)
             except BaseException as exc:  # forwarded to the consumer, which re-raises
@@ -236,7 +244,7 @@ class OpenAIServing:
         reasons: list[str | None] = [None] * len(prep.choices)
         logprobs: list[list[TokenLogprob]] = [[] for _ in prep.choices]
         completion: dict[int, int] = {}
-        async for ev in self._run_all(request_id, prep.choices, prep.stops):
+        async for ev in self._run_all(request_id, prep.choices, prep.stops, stream=False):
             texts[ev.index] += ev.text
             logprobs[ev.index] += ev.logprobs
             completion[ev.index] = ev.completion_tokens

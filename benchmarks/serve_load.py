@@ -1,12 +1,16 @@
-"""Serve overhead: N concurrent streaming clients over HTTP vs the same workload on the engine in-process.
+"""Serve overhead: the bare engine, the async engine in-process and the HTTP path, same workload, one run.
 
-    python -m llmaas.benchmarks.serve_load --concurrency 8 --requests 32 --prompt-tokens 128 --max-tokens 64
+    python -m llmaas.benchmarks.serve_load --concurrency 1 8 --requests 16 --prompt-tokens 128 --max-tokens 64
 
-Both paths stay up for the whole run and take turns: a warm-up round of the measured
-workload each, then --repeats rounds (new prompts each round). Prints each path's median
-TTFT, inter-token latency (ITL) p50/p99 and output tokens/s (with its range), the ratio of
-the medians, and every failed request (non-200, error event, exception); saves
-benchmarks/results/serve_load.{json,png}.
+Three paths, each at every --concurrency level:
+- bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
+- engine in-process: ``AsyncLLMEngine`` (its own engine thread) driven from this process's event loop;
+- serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE).
+All stay up for the whole run and take turns: a warm-up round of the measured workload each, then --repeats
+rounds (new prompts each round). Between rounds each in-process path hands back its OpenMP pool, so the
+other's runs unthrottled (see engine/openmp.py). Prints each path's median TTFT, inter-token latency (ITL)
+p50/p99 and output tokens/s (with its range), the ratios of the medians, and every failed request (non-200,
+error event, exception); saves benchmarks/results/serve_load.{json,png}.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from llmaas.benchmarks.common import (
     stream_chunks,
 )
 
-SERVE, ENGINE = "serve (HTTP, SSE)", "engine in-process"
+SERVE, ENGINE, BARE = "serve (HTTP, SSE)", "engine in-process", "bare engine"
 METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
 
 
@@ -118,11 +122,33 @@ async def run_engine(engine, prompts: list[list[int]], max_tokens: int, concurre
     return traces
 
 
+def run_bare(engine, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Trace]:
+    """The engine stepped in this thread, ``concurrency`` requests in flight, a new one admitted as one ends."""
+    from llmaas.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    todo = list(enumerate(prompts))[::-1]
+    traces: dict[str, Trace] = {}
+    while todo or engine.has_unfinished():
+        while todo and engine.num_running + engine.num_waiting < concurrency:
+            i, prompt = todo.pop()
+            traces[f"bare-{i}"] = Trace(time.perf_counter())
+            engine.add_request(f"bare-{i}", prompt, params)
+        for out in engine.step():
+            trace = traces[out.request_id]
+            if out.error is not None:
+                trace.error = failure(out.error)
+            elif out.new_token_ids:
+                trace.token_times.append(time.perf_counter())
+                trace.tokens = out.num_output_tokens
+    return list(traces.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-source", default="default", help="'default' (SmolLM2) or a checkpoint dir")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="in-flight requests (levels)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per round (at least the concurrency)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=2)
@@ -138,37 +164,54 @@ def main() -> None:
     from llmaas.app.model_source import load_model, resolve_model
     from llmaas.deployments.builder import build_app
     from llmaas.deployments.config import AppConfig
-    from llmaas.engine import AsyncLLMEngine, LLMEngine
+    from llmaas.engine import AsyncLLMEngine, LLMEngine, openmp
 
+    top = max(args.concurrency)
     app_args = {"model": {"source": args.model_source},
-                "engine": {"torch_threads": args.torch_threads, "max_num_seqs": max(args.concurrency, 8)}}
+                "engine": {"torch_threads": args.torch_threads, "max_num_seqs": max(top, 8)}}
     config = AppConfig.model_validate(app_args)
     model = resolve_model(config.model)
-    hf_model = load_model(model.path)
-    vocab = hf_model.config.vocab_size
 
     # The Serve path (proxy -> Router -> Tokenizer -> LLMServer (streaming handle) -> SSE), and the same engine
-    # config in this process; both stay loaded so their rounds can alternate.
+    # config twice in this process (the async front and the bare engine each step their own); all stay loaded
+    # so their rounds can alternate.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     torch.set_num_threads(args.torch_threads)
-    engine = AsyncLLMEngine(LLMEngine(hf_model, config.engine.to_engine_config(model.max_model_len,
-                                                                              model.eos_token_ids)))
+
+    def new_engine() -> LLMEngine:
+        return LLMEngine(load_model(model.path), config.engine.to_engine_config(model.max_model_len,
+                                                                                model.eos_token_ids))
+    bare = new_engine()
+    vocab = bare.vocab_size
+    engine = AsyncLLMEngine(new_engine())
     loop = asyncio.new_event_loop()  # one loop for every round: the engine's thread delivers to the first one
 
-    def side(run: Callable[..., Awaitable[list[Trace]]]) -> Callable[[int], dict]:
+    def side(run: Callable[..., Awaitable[list[Trace]] | list[Trace]], concurrency: int,
+             after: Callable[[], None]) -> Callable[[int], dict]:
         def one_round(r: int) -> dict:
-            prompts = make_prompts(args.requests, args.prompt_tokens, vocab, seed=r)  # no prefix-cache reuse
+            prompts = make_prompts(max(args.requests, concurrency), args.prompt_tokens, vocab, seed=r)
             t = time.perf_counter()
-            traces = loop.run_until_complete(run(prompts, args.max_tokens, args.concurrency))
-            return summarize(traces, time.perf_counter() - t)
+            traces = run(prompts, args.max_tokens, concurrency)
+            if not isinstance(traces, list):
+                traces = loop.run_until_complete(traces)
+            wall = time.perf_counter() - t
+            after()
+            return summarize(traces, wall)
         return one_round
 
+    def engine_pool_back() -> None:
+        loop.run_until_complete(engine.call(openmp.release_pool))
+
+    runs: dict[int, dict[str, list[dict]]] = {}
     try:
-        runs = interleave({SERVE: side(lambda *a: run_http(url, "base", *a)),
-                           ENGINE: side(lambda *a: run_engine(engine, *a))}, args.repeats)
+        for c in args.concurrency:
+            runs[c] = interleave({
+                BARE: side(lambda *a: run_bare(bare, *a), c, openmp.release_pool),
+                ENGINE: side(lambda *a: run_engine(engine, *a), c, engine_pool_back),
+                SERVE: side(lambda *a: run_http(url, "base", *a), c, lambda: None)}, args.repeats)
     finally:
         engine.shutdown()
         loop.close()
@@ -178,24 +221,34 @@ def main() -> None:
     report(runs, args, model.served_name)
 
 
-def report(runs: dict[str, list[dict]], args, model_name: str) -> None:
-    """Prints each path's medians, the ratios of the medians and every failure; saves JSON + PNG."""
-    rows = [path_row(name, rounds) for name, rounds in runs.items()]
-    serve_row, engine_row = rows
-    ratio = {"throughput_serve_over_engine": serve_row["output_tok_s"] / engine_row["output_tok_s"],
-             "ttft_p50_serve_over_engine": serve_row["ttft_p50_ms"] / engine_row["ttft_p50_ms"]}
-    errors = collections.Counter(e for rounds in runs.values() for r in rounds for e in r["errors"])
-    print_table(rows, ["path", "requests", "failed", "output_tok_s", "tok_s_range", "ttft_p50_ms", "ttft_p99_ms",
-                       "itl_p50_ms", "itl_p99_ms"])
+def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> None:
+    """Prints each path's medians per concurrency, the ratios of the medians and every failure; saves JSON + PNG."""
+    rows, ratios = [], {}
+    for c, paths in runs.items():
+        level = {name: path_row(name, rounds) | {"concurrency": c} for name, rounds in paths.items()}
+        rows += level.values()
+        serve_, engine_, bare_ = level[SERVE], level[ENGINE], level[BARE]
+        ratios[c] = {"engine_over_bare_tok_s": engine_["output_tok_s"] / bare_["output_tok_s"],
+                     "serve_over_bare_tok_s": serve_["output_tok_s"] / bare_["output_tok_s"],
+                     "serve_over_engine_tok_s": serve_["output_tok_s"] / engine_["output_tok_s"],
+                     "serve_minus_engine_ttft_p50_ms": serve_["ttft_p50_ms"] - engine_["ttft_p50_ms"]}
+    errors = collections.Counter(e for paths in runs.values() for rounds in paths.values() for r in rounds
+                                 for e in r["errors"])
+    print_table(rows, ["concurrency", "path", "requests", "failed", "output_tok_s", "tok_s_range", "ttft_p50_ms",
+                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
     print(f"medians of {args.repeats} interleaved rounds after a warm-up round; {RATIO_NOTE}")
-    print(f"serve / in-process throughput: {ratio['throughput_serve_over_engine']:.3f}  "
-          f"TTFT p50 ratio: {ratio['ttft_p50_serve_over_engine']:.3f}")
+    for c, ratio in ratios.items():
+        print(f"concurrency {c}: in-process / bare {ratio['engine_over_bare_tok_s']:.3f}  "
+              f"serve / bare {ratio['serve_over_bare_tok_s']:.3f}  "
+              f"serve / in-process {ratio['serve_over_engine_tok_s']:.3f}  "
+              f"TTFT p50 serve - in-process {ratio['serve_minus_engine_ttft_p50_ms']:+.1f} ms")
     print("failures:", dict(errors) or "none")
     if not args.no_save:
-        path = save("serve_load", {"args": vars(args), "model": model_name, "rows": rows, "ratio": ratio,
+        path = save("serve_load", {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
                                    "errors": dict(errors), "rounds": runs})
         plot(rows, RESULTS / "serve_load.png")
         print(f"saved {path}")
+
 
 def plot(rows: list[dict], path) -> None:
     import matplotlib
@@ -203,13 +256,19 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    names = [r["path"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    levels = list(dict.fromkeys(r["concurrency"] for r in rows))
+    width = 0.8 / len(paths)
     for ax, (key, label) in zip(axes, [("output_tok_s", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
                                        ("itl_p50_ms", "ITL p50 (ms)")]):
-        ax.bar(names, [r[key] for r in rows], color=["tab:blue", "tab:gray"])
+        for k, name in enumerate(paths):
+            values = [next(r[key] for r in rows if r["path"] == name and r["concurrency"] == c) for c in levels]
+            ax.bar([i + k * width for i in range(len(levels))], values, width, label=name)
+        ax.set_xticks([i + width * (len(paths) - 1) / 2 for i in range(len(levels))],
+                      [f"concurrency {c}" for c in levels])
         ax.set_title(label)
-        ax.tick_params(axis="x", labelsize=8)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -53,6 +53,14 @@ class AppConfig(BaseModel):
         description="Cluster resources of every fine-tuning job submitted over the API (workers, CPUs/GPUs per "
                     "worker, retries, how long to wait for resources); tenants cannot set these.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")
+    tokenize_in_router: bool = Field(
+        True, description="The Router encodes prompts itself (a worker thread in its replica) instead of calling "
+                          "the Tokenizer deployment: one hop fewer per request. false: the Tokenizer deployment's "
+                          "replicas do it, scaling apart from the Router.")
+    stream_interval_ms: float = Field(
+        0.0, ge=0, description="Streams: the model stage gathers the tokens of this many milliseconds into one "
+                               "message to the Router (and one SSE event); the first token is never held. 0 sends "
+                               "each step's tokens as they come. Non-streaming requests are sent whole.")
 
     @field_validator("storage_root", mode="before")
     @classmethod

@@ -1,26 +1,35 @@
-"""OpenAIServing's Backend over the Tokenizer and LLMServer DeploymentHandles.
+"""OpenAIServing's Backend over the Tokenizer and LLMServer DeploymentHandles (or a PromptEncoder in process).
 
 Errors raised in the other stages come back as the original exception (an APIError keeps
 its status code), not wrapped in Ray's task error.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from llmaas.app.errors import unwrap
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
+from llmaas.app.prompts import PromptEncoder
 from llmaas.app.protocol import ChatMessage
 
 
 class HandleBackend:
-    def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle) -> None:
+    def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, encoder: PromptEncoder | None = None
+                 ) -> None:
         self.tokenizer = tokenizer
         self.llm = llm
+        self.encoder = encoder  # set: encode here, on one worker thread of this replica (see app/prompts.py)
+        self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="llmaas-encode") if encoder else None
 
     async def _tokenize(self, method: str, *args: Any) -> TokenizedPrompt:
+        if self.encoder is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._encode_thread,
+                                                                    getattr(self.encoder, method), *args)
         try:
             return await getattr(self.tokenizer, method).remote(*args)
         except Exception as exc:

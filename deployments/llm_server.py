@@ -105,7 +105,7 @@ class LLMServer:
             if request.adapter is not None:
                 await self.get_adapter(request.adapter)
             stream = self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
-                                          request.adapter, request.cache_salt)
+                                          request.adapter, request.cache_salt, request.stream_interval_s)
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORT:
                     return

@@ -31,6 +31,7 @@ from llmaas.app.deadline import Deadline
 from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable, unwrap
 from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.names import BASE_ALIAS
+from llmaas.app.prompts import PromptEncoder
 from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
 from llmaas.app.registry import RegistryState
@@ -269,9 +270,14 @@ class Router:
         cache = ResponseCache(config.response_cache_size)
         auth = Authenticator(config.auth.load_keys())
         scope = config.engine.prefix_cache_scope or ("tenant" if auth.enabled else "global")
-        self.serving = OpenAIServing(HandleBackend(tokenizer, llm), AutoTokenizer.from_pretrained(model.path),
+        encoder = None
+        if config.tokenize_in_router:  # its own tokenizer copy: encoding never shares one with decoding here
+            encoder = PromptEncoder(AutoTokenizer.from_pretrained(model.path), model.served_name,
+                                    model.max_model_len)
+        self.serving = OpenAIServing(HandleBackend(tokenizer, llm, encoder), AutoTokenizer.from_pretrained(model.path),
                                      self.catalog, config.request_limits(), cache, self.metrics,
-                                     prefix_cache_per_tenant=scope == "tenant")
+                                     prefix_cache_per_tenant=scope == "tenant",
+                                     stream_interval_s=config.stream_interval_ms / 1e3)
         self._watcher: asyncio.Task | None = None
         api.state.gate = _Gate(auth, RateLimiter(config.rate_limits), int(config.max_body_mb * (1 << 20)),
                                self.manage.max_upload_bytes, self.metrics, cache)

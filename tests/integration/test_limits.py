@@ -25,7 +25,8 @@ def limits_url(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
         **app_args, "model": {"source": str(tiny_long_chat_dir), "served_name": "tiny-long"},
         "storage_root": str(tmp_path_factory.mktemp("limits-storage")), "response_cache_size": 0,
         "auth": {"api_keys": [{"key": KEYS[t], "tenant": t} for t in KEYS]},
-        "rate_limits": {"tenants": {"trial": 3, "fan": 6}}, "request_timeout_s": TIMEOUT_S})
+        "rate_limits": {"tenants": {"trial": 3, "fan": 6}}, "request_timeout_s": TIMEOUT_S,
+        "tokenize_in_router": False})  # this app tokenizes in the Tokenizer deployment (the default app: the Router)
     app = Router.bind(Tokenizer.bind(cfg), LLMServer.options(ray_actor_options={"num_cpus": 0.5}).bind(cfg), cfg)
     serve.run(app, name="limits-app", route_prefix="/limits")
     yield f"{ray_cluster}/limits"
@@ -93,3 +94,13 @@ def test_stream_past_the_timeout_ends_with_an_in_band_error(limits_url):
     assert 0 < tokens < 1900 and '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-2:]
     assert_aborted_and_freed("limits-app", before, aborted=1, within=2.0)
 
+
+def test_the_tokenizer_deployment_answers_when_the_router_does_not_tokenize(limits_url):
+    """tokenize_in_router: false routes prompts through the Tokenizer stage; its 400s keep their shape."""
+    ok = httpx.post(f"{limits_url}/v1/chat/completions", headers=h("paid"), timeout=60,
+                    json={"model": "tiny-long", "messages": MSG, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 0
+    r = httpx.post(f"{limits_url}/v1/chat/completions", headers=h("paid"), timeout=60,
+                   json={"model": "tiny-long", "messages": MSG, "max_tokens": 10**6})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "messages"

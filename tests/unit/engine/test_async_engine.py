@@ -21,6 +21,15 @@ def make(model) -> AsyncLLMEngine:
                                                                         block_size=8)))
 
 
+async def all_freed(engine: AsyncLLMEngine, timeout_s: float = 4.0) -> bool:
+    """Whether the engine runs nothing and holds no KV block, within ``timeout_s`` (aborts land between steps)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if engine.engine.num_running == 0 and engine.engine.block_manager.num_free_blocks == 64:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 def test_concurrent_streams_equal_offline_generate(model):
     prompts = [[1, 2, 3], [5] * 20, [7, 8]]
     expected = LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64)).generate(
@@ -47,11 +56,7 @@ def test_closing_the_stream_aborts_and_frees_blocks(model):
         stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
         await stream.__anext__()
         await stream.aclose()
-        for _ in range(100):
-            if engine.engine.num_running == 0 and engine.engine.block_manager.num_free_blocks == 64:
-                return True
-            await asyncio.sleep(0.02)
-        return False
+        return await all_freed(engine)
 
     assert asyncio.run(main())
     engine.shutdown()
@@ -119,4 +124,66 @@ def test_an_adapter_evicted_in_the_same_pass_as_a_request_using_it_serves_that_r
         raise AssertionError("the adapter was never removed")
 
     assert len(asyncio.run(main())) == PARAMS.max_tokens
+    engine.shutdown()
+
+
+def test_interval_batches_deltas_but_never_holds_the_first_or_the_last(model):
+    """None: the first delta, then the whole rest in one message; a long interval never delays the finish."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64)).generate(
+        [[1, 2, 3]], params)[0]
+    engine = make(model)
+
+    async def run(interval):
+        messages = []
+        async for out in engine.generate(f"r{interval}", [1, 2, 3], params, interval_s=interval):
+            messages.append(out.new_token_ids)
+        return messages
+
+    async def main():
+        whole = await asyncio.wait_for(run(None), 60)
+        held = await asyncio.wait_for(run(3600.0), 60)  # finishes long before the interval is up
+        each = await asyncio.wait_for(run(0.0), 60)
+        return whole, held, each
+
+    whole, held, each = asyncio.run(main())
+    engine.shutdown()
+    assert len(whole) == 2 and sum(whole, []) == expected  # (the first may hold what queued before the loop woke)
+    assert len(held) == 2 and sum(held, []) == expected
+    assert sum(each, []) == expected
+
+
+def test_cancelling_a_held_stream_aborts_the_request(model):
+    engine = make(model)
+
+    async def main():
+        stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                                 interval_s=None)
+        await stream.__anext__()
+        waiting = asyncio.ensure_future(stream.__anext__())  # held until the request's end
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()
+        return await all_freed(engine)
+
+    assert asyncio.run(main())
+    engine.shutdown()
+
+
+def test_a_second_event_loop_gets_an_error_not_a_hang(model):
+    engine = make(model)
+
+    async def first():
+        async for _ in engine.generate("a", [1, 2, 3], PARAMS):
+            pass
+
+    async def second():
+        async for _ in engine.generate("b", [1, 2, 3], PARAMS):
+            pass
+
+    asyncio.run(first())
+    with pytest.raises(RuntimeError, match="event loop it started on"):
+        asyncio.run(asyncio.wait_for(second(), 30))
     engine.shutdown()
