@@ -198,10 +198,11 @@ class OpenAIServing:
                        stream: bool = True) -> AsyncIterator[ChoiceEvent]:
         """Interleaves the choices' events as they come.
 
-        A stream's deltas come from the model stage every ``stream_interval_s``; a whole answer's come in one
-        message after the first token, unless stop strings have to be watched as the text grows.
+        A stream's deltas come from the model stage every ``stream_interval_s``; a whole answer's in one message
+        after the first token. With stop strings every step's delta comes as it is made, so the text is watched
+        as it grows and generation stops as soon as the Router sees the stop string.
         """
-        interval = self.stream_interval_s if stream or stops else None
+        interval = 0.0 if stops else self.stream_interval_s if stream else None
         if len(choices) == 1:
             async for ev in self._run_choice(request_id, choices[0], stops, interval):
                 yield ev

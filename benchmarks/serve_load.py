@@ -172,7 +172,7 @@ def main() -> None:
     config = AppConfig.model_validate(app_args)
     model = resolve_model(config.model)
 
-    # The Serve path (proxy -> Router -> Tokenizer -> LLMServer (streaming handle) -> SSE), and the same engine
+    # The Serve path (proxy -> Router (tokenizes) -> LLMServer (streaming handle) -> SSE), and the same engine
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -192,7 +192,9 @@ def main() -> None:
     def side(run: Callable[..., Awaitable[list[Trace]] | list[Trace]], concurrency: int,
              after: Callable[[], None]) -> Callable[[int], dict]:
         def one_round(r: int) -> dict:
-            prompts = make_prompts(max(args.requests, concurrency), args.prompt_tokens, vocab, seed=r)
+            # new prompts for every round and level: no prefix-cache reuse across them
+            prompts = make_prompts(max(args.requests, concurrency), args.prompt_tokens, vocab,
+                                   seed=concurrency * 1000 + r)
             t = time.perf_counter()
             traces = run(prompts, args.max_tokens, concurrency)
             if not isinstance(traces, list):

@@ -60,7 +60,8 @@ class AppConfig(BaseModel):
     stream_interval_ms: float = Field(
         0.0, ge=0, description="Streams: the model stage gathers the tokens of this many milliseconds into one "
                                "message to the Router (and one SSE event); the first token is never held. 0 sends "
-                               "each step's tokens as they come. Non-streaming requests are sent whole.")
+                               "each step's tokens as they come. Non-streaming requests cross in two messages (the "
+                               "first token, the rest); requests with stop strings always get each step's tokens.")
 
     @field_validator("storage_root", mode="before")
     @classmethod

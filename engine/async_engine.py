@@ -122,11 +122,11 @@ class AsyncLLMEngine:
             while not finished:
                 items = [await queue.get()]
                 while hold_until is not None and not _last(items[-1]):
-                    left = None if hold_until == float("inf") else hold_until - loop.time()
-                    if left is not None and left <= 0:
+                    if hold_until <= loop.time():
                         break
-                    try:
-                        items.append(await asyncio.wait_for(queue.get(), left))
+                    try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (the abort)
+                        async with asyncio.timeout_at(None if hold_until == float("inf") else hold_until):
+                            items.append(await queue.get())
                     except TimeoutError:
                         break
                 while not queue.empty():

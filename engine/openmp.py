@@ -18,36 +18,38 @@ its workers exit and the next parallel region on that thread builds a new one.
 from __future__ import annotations
 
 import ctypes
-import functools
 import sys
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: libgomp frees the calling thread's pool for either kind
 
 
-@functools.cache
-def _libgomp() -> ctypes.CDLL | None:
-    """The libgomp this process already loaded (torch's own copy), or None (no Linux, or another OpenMP)."""
+_pauses: dict[str, object] = {}  # path -> omp_pause_resource_all, of every libgomp seen loaded
+
+
+def _libgomp_pauses() -> list:
+    """omp_pause_resource_all of every libgomp this process has loaded (torch's own copy, and any other a
+    library brought), looked up once each; empty off Linux or where none is loaded yet."""
     if not sys.platform.startswith("linux"):
-        return None
+        return []
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
     except OSError:
-        return None
-    for path in sorted(paths):
+        return []
+    for path in paths - _pauses.keys():
         try:
-            lib = ctypes.CDLL(path)  # already mapped: dlopen hands back the loaded copy
-            pause = lib.omp_pause_resource_all
+            pause = ctypes.CDLL(path).omp_pause_resource_all  # already mapped: dlopen hands back that copy
         except (OSError, AttributeError):  # libgomp before GCC 10 has no pause
+            _pauses[path] = None
             continue
         pause.argtypes = [ctypes.c_int]
         pause.restype = ctypes.c_int
-        return lib
-    return None
+        _pauses[path] = pause
+    return [pause for path, pause in _pauses.items() if pause is not None and path in paths]
 
 
 def release_pool() -> bool:
-    """Frees the calling thread's OpenMP worker pool; False where that can't be done (no libgomp, or inside a
-    parallel region). Harmless when the thread has no pool."""
-    lib = _libgomp()
-    return lib is not None and lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
+    """Frees the calling thread's OpenMP worker pools (in every libgomp loaded); False where none could be
+    (no libgomp, or inside a parallel region). Harmless when the thread has no pool."""
+    pauses = _libgomp_pauses()
+    return bool(pauses) and all(pause(_OMP_PAUSE_SOFT) == 0 for pause in pauses)
