@@ -39,6 +39,13 @@ class EngineSettings(BaseModel):
         "auto", description="'auto': bfloat16 on GPU; on CPU whichever of bfloat16 / float32 a GEMM probe measures "
                             "faster at startup (bf16 only when >= 1.2x). float32 gives token-exact parity with "
                             "transformers in float32.")
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="Weight-only quantization of every projection and the LM head, applied at load: int8 "
+                            "per output channel, int4 group-wise (the LM head stays int8). On the default model, "
+                            "int4 with group size 32 takes the GGUF file's own 4-bit blocks. Adapters serve on top "
+                            "unchanged. Which kernel runs each shape is measured at startup and cached per machine.")
+    quant_group_size: Literal[32, 64, 128, 256] = Field(
+        32, description="int4: input features sharing one scale and zero (32 = llama.cpp's Q4 block).")
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together in one step.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget per step (decodes + prefill chunks).")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
@@ -65,7 +72,8 @@ class EngineSettings(BaseModel):
             return "bfloat16"
         return "bfloat16" if fastest_cpu_dtype(torch.get_num_threads()) == torch.bfloat16 else "float32"
 
-    def to_engine_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]) -> EngineConfig:
+    def to_engine_config(self, max_model_len: int, eos_token_ids: tuple[int, ...], gguf_file: str | None = None,
+                         kernel_cache_file: str | None = None) -> EngineConfig:
         device = self.resolved_device()
         dtype = self.resolved_dtype(device)
         return EngineConfig(
@@ -80,4 +88,8 @@ class EngineSettings(BaseModel):
             eos_token_ids=eos_token_ids,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
+            quantization=self.quantization,
+            quant_group_size=self.quant_group_size,
+            gguf_file=gguf_file,
+            kernel_cache_file=kernel_cache_file,
         )

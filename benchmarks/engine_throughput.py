@@ -82,6 +82,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def gguf_file(args) -> str | None:
+    """int4 on the default model: its GGUF file's own blocks (what serving does)."""
+    if args.model != "default" or args.quantization != "int4":
+        return None
+    from llmaas.app.model_source import _default_gguf
+
+    return str(_default_gguf())
+
+
 def ours_side(model, prompts, args, loras=None, adapters=()) -> Callable[[int], float]:
     """Our engine as a side of interleave(): one generate() over every prompt (shifted per round) per call."""
     # KV sized to the workload on every device: all sides stay loaded at once for interleaved rounds, so the
@@ -89,7 +98,8 @@ def ours_side(model, prompts, args, loras=None, adapters=()) -> Callable[[int], 
     cfg = EngineConfig(max_model_len=args.prompt_tokens + args.gen_tokens + 16, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_batched_tokens, dtype=DTYPES[args.dtype], device=args.device,
                        num_kv_blocks=(len(prompts) * (args.prompt_tokens + args.gen_tokens)) // 16 + 64,
-                       max_loras=max(1, len(adapters)), max_lora_rank=args.lora_rank)
+                       max_loras=max(1, len(adapters)), max_lora_rank=args.lora_rank,
+                       quantization=args.quantization, gguf_file=gguf_file(args))
     engine = LLMEngine(model, cfg)
     for i, path in enumerate(adapters):
         engine.add_lora(f"a{i}", path)
@@ -191,6 +201,8 @@ def run_case(args) -> list[dict]:
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
     hf_batch = args.hf_batch or args.requests
     label = f"{args.model or args.config} {args.requests}x{args.prompt_tokens}/{args.gen_tokens}"
+    if args.quantization != "none":
+        label += f" {args.quantization}"
     eager, static = f"HF generate eager (batch {hf_batch})", f"HF generate static cache (batch {hf_batch})"
     peft, mixed = f"PEFT generate adapter_names (batch {hf_batch})", f"{args.adapters} adapters mixed"
     with tempfile.TemporaryDirectory() as d:
@@ -221,6 +233,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="our side's weights (the peers keep --dtype floats)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--hf-batch", type=int, default=None, help="HF generate batch size (default: all requests)")
     p.add_argument("--max-num-seqs", type=int, default=256)

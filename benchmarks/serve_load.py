@@ -182,8 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
     def new_engine() -> LLMEngine:
-        return LLMEngine(load_model(model.path), config.engine.to_engine_config(model.max_model_len,
-                                                                                model.eos_token_ids))
+        return LLMEngine(load_model(model.path), model.engine_config(config.engine))
     bare = new_engine()
     vocab = bare.vocab_size
     engine = AsyncLLMEngine(new_engine())

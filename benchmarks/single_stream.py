@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="our engine's weights (int4: the GGUF file's own Q4_1 blocks); HF keeps --dtype floats")
     p.add_argument("--threads", type=int, default=2)
     add_repeats(p)
     p.add_argument("--no-save", action="store_true")
@@ -48,7 +50,8 @@ def main() -> None:
     n = args.gen_tokens
 
     engine = LLMEngine(AutoModelForCausalLM.from_pretrained(path), EngineConfig(
-        max_model_len=args.prompt_tokens + n + 16, dtype=DTYPES[args.dtype], num_kv_blocks=64))
+        max_model_len=args.prompt_tokens + n + 16, dtype=DTYPES[args.dtype], num_kv_blocks=64,
+        quantization=args.quantization, gguf_file=str(_default_gguf()) if args.quantization == "int4" else None))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
     @torch.inference_mode()
@@ -77,10 +80,12 @@ def main() -> None:
         sides[f"llama.cpp {llama_cpp.__version__} ({gguf.name})"] = timed(cpp, n)
     runs = interleave(sides, args.repeats)
     ours = runs.pop("ours")
-    rows = [versus(f"single stream {args.dtype}", ours, peer, theirs) for peer, theirs in runs.items()]
+    case = f"single stream {args.dtype}" + (f" {args.quantization}" if args.quantization != "none" else "")
+    rows = [versus(case, ours, peer, theirs) for peer, theirs in runs.items()]
     print_versus(rows, args.repeats)
     if not args.no_save:
-        print("saved", save("single_stream", {"args": vars(args), "rows": rows}))
+        name = "single_stream" + (f"_{args.quantization}" if args.quantization != "none" else "")
+        print("saved", save(name, {"args": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":

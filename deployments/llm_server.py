@@ -54,8 +54,7 @@ class LLMServer:
         if config.engine.torch_threads:
             torch.set_num_threads(config.engine.torch_threads)
         model = resolve_model(config.model)
-        engine = LLMEngine(load_model(model.path),
-                           config.engine.to_engine_config(model.max_model_len, model.eos_token_ids))
+        engine = LLMEngine(load_model(model.path), model.engine_config(config.engine))
         self.engine = AsyncLLMEngine(engine)
         self.registry = Registry(config.storage_root)
         self.adapters = AdapterCache(self.registry.storage, Path(tempfile.mkdtemp(prefix="llmaas-adapters-")),
@@ -117,8 +116,10 @@ class LLMServer:
             raise ServiceUnavailable(str(exc)) from None
 
     def stats(self) -> dict[str, float | str]:
+        engine = self.engine.engine
         return {**self.engine.stats(), "node_id": ray.get_runtime_context().get_node_id(),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "quantization": engine.config.quantization, "quantized_weight_bytes": engine.quantized_bytes}
 
     def check_health(self) -> None:
         self.engine.check_health()

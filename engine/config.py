@@ -24,6 +24,10 @@ class EngineConfig:
     max_loras: int = 8  # adapter slots resident at once (distinct adapters in one batch)
     max_lora_rank: int = 16  # slots are rank-padded to this; 8 slots x r16 ~ 160 MB for SmolLM2-135M in fp32
     cpu_keep_freed_memory: bool = True  # CPU: glibc keeps freed step buffers for reuse (see cpu_allocator.py)
+    quantization: str = "none"  # none | int8 | int4: weight-only, every projection + LM head (quantization.py)
+    quant_group_size: int = 32  # int4 input features per scale/zero: 32 is llama.cpp's Q4 block (quality first)
+    gguf_file: str | None = None  # int4 (group 32): take the projections' Q4_0/Q4_1 blocks from this file as they are
+    kernel_cache_file: str | None = None  # where measured quantized-kernel choices are kept per machine (None: none)
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
@@ -40,5 +44,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -13,9 +13,12 @@ from torch import nn
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .gguf import load_int4_projections
+from .kernel_plan import Calibration, calibrate
 from .lora import AdapterError, AdapterWeights, check_fits, load_peft_adapter
 from .model import CausalLM
 from .model_runner import ModelRunner, num_kv_blocks_for
+from .quantization import quantize_model
 from .sampler import TokenLogprob
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -55,7 +58,11 @@ FaultHook = Callable[[str, str], None]  # (stage, request_id); may raise. Tests 
 
 class LLMEngine:
     def __init__(self, hf_model: nn.Module, config: EngineConfig) -> None:
-        hf_model = hf_model.to(device=config.device, dtype=config.dtype)
+        # Quantized on the device from the weights as loaded (float32), before the cast to the compute dtype rounds
+        # them; fused modules' parts are views, which a later move would copy apart.
+        hf_model = hf_model.to(device=config.device)
+        self.quantized_bytes = quantize(hf_model, config)  # weight bytes the quantized projections hold
+        hf_model = hf_model.to(dtype=config.dtype)
         model_limit = getattr(hf_model.config, "max_position_embeddings", config.max_model_len)
         self.model = CausalLM(hf_model, min(config.max_model_len, model_limit))
         num_blocks = num_kv_blocks_for(config, self.model)
@@ -64,6 +71,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(config, self.model, num_blocks)
+        self.calibration: Calibration | None = None  # the measured kernel per projection shape and M bucket
+        if config.quantization != "none":  # after the runner set the allocator up: kernels are timed as they run
+            self.calibration = calibrate(hf_model, config.dtype, config.kernel_cache_file)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._adapters: dict[str, AdapterWeights] = {}  # registered adapters (host copies), by name
@@ -229,6 +239,17 @@ class LLMEngine:
                     raise out.error
                 outputs[out.request_id].extend(out.new_token_ids)
         return [outputs[rid] for rid in ids]
+
+
+def quantize(hf_model: nn.Module, config: EngineConfig) -> int:
+    """Quantizes ``hf_model``'s projections in place as ``config`` asks (int4 group 32 with a GGUF file: its
+    Q4 blocks as they are). Returns the quantized weights' bytes (0 for none)."""
+    if config.quantization == "none":
+        return 0
+    blocks = None
+    if config.quantization == "int4" and config.quant_group_size == 32 and config.gguf_file:  # Q4 blocks are g32
+        blocks = load_int4_projections(config.gguf_file, hf_model, config.dtype)
+    return quantize_model(hf_model, config.quantization, config.quant_group_size, config.dtype, blocks)
 
 
 def _failed(stage: str, exc: BaseException) -> RequestFailedError:

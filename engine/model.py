@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
+from .quantization import FUSED
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QKV, GATE_UP = GROUPS
@@ -93,9 +94,12 @@ class CausalLM(nn.Module):
             y = module(x)
             return pool.apply(y, x, layer, name, lora) if use_lora else y
 
-        def group(x: torch.Tensor, layer: int, modules: tuple[nn.Linear, ...],
-                  names: tuple[str, ...]) -> list[torch.Tensor]:
-            ys = [m(x) for m in modules]
+        def group(x: torch.Tensor, layer: int, modules: tuple[nn.Linear, ...], names: tuple[str, ...],
+                  fused: nn.Module | None) -> list[torch.Tensor]:
+            if fused is not None:  # one call for the group; column views of its output, LoRA adds into them
+                ys = list(fused(x).split([m.out_features for m in modules], dim=-1))
+            else:
+                ys = [m(x) for m in modules]
             if use_lora:
                 pool.apply_group(ys, x, layer, names, lora)
             return ys
@@ -103,7 +107,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            q, k, v = group(x, i, (attn.q_proj, attn.k_proj, attn.v_proj), QKV)
+            q, k, v = group(x, i, (attn.q_proj, attn.k_proj, attn.v_proj), QKV, getattr(attn, FUSED[QKV], None))
             q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
             k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
             v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, kv_heads, D]
@@ -113,7 +117,7 @@ class CausalLM(nn.Module):
             o = paged_attention(q, kv_cache.k[i], kv_cache.v[i], meta, self.scale)  # [T, H * D]
             h = h + proj(attn.o_proj, o, i, "o_proj")
             x = layer.post_attention_layernorm(h)
-            gate, up = group(x, i, (mlp.gate_proj, mlp.up_proj), GATE_UP)
+            gate, up = group(x, i, (mlp.gate_proj, mlp.up_proj), GATE_UP, getattr(mlp, FUSED[GATE_UP], None))
             gated = mlp.act_fn(gate) * up
             h = h + proj(mlp.down_proj, gated, i, "down_proj")
         return self.hf_model.model.norm(h)

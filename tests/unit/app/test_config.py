@@ -40,3 +40,18 @@ def test_limits_validate():
                 {"rate_limits": {"tenants": {"trial": 0}}}, {"rate_limits": {"burst": 3}}):
         with pytest.raises(pydantic.ValidationError):
             AppConfig.model_validate(bad)
+
+
+def test_quantization_reaches_the_engine_with_the_default_models_gguf():
+    from llmaas.app.config import ModelSettings
+    from llmaas.app.model_source import resolve_model
+
+    model = resolve_model(ModelSettings())
+    config = model.engine_config(EngineSettings(device="cpu", dtype="float32", quantization="int4",
+                                                quant_group_size=64))
+    assert (config.quantization, config.quant_group_size) == ("int4", 64)
+    assert config.gguf_file is not None and config.gguf_file.endswith(".gguf")
+    assert config.kernel_cache_file == str(ModelSettings().cache_dir / "kernels.json")
+    for bad in ({"quantization": "int3"}, {"quant_group_size": 48}):
+        with pytest.raises(pydantic.ValidationError):
+            AppConfig.model_validate({"engine": bad})
