@@ -40,6 +40,13 @@ class ModelCatalog:
             raise NotFound(f"{exc.message}; available: {', '.join(names)}", param="model",
                            code="model_not_found") from None
 
+    def card(self, model: str, tenant: str | None = None) -> ModelCard:
+        """One model's card (GET /v1/models/{id}); 404 for a model this tenant cannot see."""
+        for card in self.cards(tenant):
+            if card.id == model:
+                return card
+        raise NotFound(f"model {model!r} not found", param="model", code="model_not_found")
+
     def cards(self, tenant: str | None = None) -> list[ModelCard]:
         cards = [ModelCard(id=self.served_name, max_model_len=self.max_model_len),
                  ModelCard(id=BASE_ALIAS, max_model_len=self.max_model_len, parent=self.served_name)]

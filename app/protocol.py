@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from llmaas.engine.sampling_params import MAX_INT64, MAX_TOKEN_ID, MAX_TOKENS, MIN_SEED
+from llmaas.engine.sampling_params import (
+    MAX_INT64,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_TOKEN_ID,
+    MAX_TOKENS,
+    MIN_SEED,
+)
 
 # Bounds of the API's numbers: the engine's limits (one place, imported) plus the API's own, so every value is
 # checked before any model time and nothing a client sends can overflow a tensor or a generator.
@@ -53,7 +60,21 @@ class _SamplingFields(BaseModel):
                                                                     "token seen in prompt or output.")
     min_p: float = Field(0.0, ge=0, le=1, description="Extension: drop tokens below min_p x the top probability.")
     ignore_eos: StrictBool = Field(False, description="Extension: keep generating past end-of-sequence.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_TOKENS,
+        description="Token id (as a string) -> bias added to its logit before sampling; -100 bans, 100 forces.")
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v):
+        for key in v or {}:
+            if not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys must be token ids (0..{MAX_TOKEN_ID}) as strings, got {key!r}")
+        return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

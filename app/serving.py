@@ -30,6 +30,7 @@ from llmaas.app.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ModelCard,
     ModelList,
     ResponseMessage,
     TokenLogprobEntry,
@@ -106,6 +107,9 @@ class OpenAIServing:
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
 
+    def model(self, model: str, tenant: str | None = None) -> ModelCard:
+        return self.catalog.card(model, tenant)
+
     # ----- preparation: everything that can fail with a 4xx happens before any token -----
     def _check_common(self, req: ChatCompletionRequest | CompletionRequest, tenant: str | None,
                       num_prompts: int = 1) -> tuple[list[str], str | None]:
@@ -116,6 +120,8 @@ class OpenAIServing:
         if num_prompts * req.n > limits.max_choices:
             raise InvalidRequest(f"{num_prompts} prompt(s) x n={req.n} asks for {num_prompts * req.n} choices; at "
                                  f"most {limits.max_choices} per request", param="n" if req.n > 1 else "prompt")
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         stops = req.stop_list()
         if len(stops) > limits.max_stop_sequences:
             raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
@@ -128,7 +134,7 @@ class OpenAIServing:
                               top_k=req.top_k, min_p=req.min_p, seed=seed, ignore_eos=req.ignore_eos,
                               logprobs=req.logprobs_k(),
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                              repetition_penalty=req.repetition_penalty)
+                              repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias_pairs())
 
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
         if len(req.messages) > self.limits.max_messages:

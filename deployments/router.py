@@ -32,7 +32,7 @@ from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLim
 from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.names import BASE_ALIAS
 from llmaas.app.prompts import PromptEncoder
-from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
 from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
@@ -328,6 +328,11 @@ class Router:
     async def list_models(self, who: Principal = Depends(principal)) -> ModelList:
         await self._watch()
         return self.serving.models(who.tenant)
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(self, model_id: str, who: Principal = Depends(principal)) -> ModelCard:
+        await self._watch()
+        return self.serving.model(model_id, who.tenant)
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest, http: Request, who: Principal = Depends(principal)):

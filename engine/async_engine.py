@@ -105,7 +105,7 @@ class AsyncLLMEngine:
         between them (a caller that only wants the whole answer); 0 hands each delta over as it comes.
         """
         self._ensure_started()
-        self.engine.validate(request_id, prompt_token_ids, lora)
+        self.engine.validate(request_id, prompt_token_ids, lora, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()

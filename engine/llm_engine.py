@@ -109,7 +109,8 @@ class LLMEngine:
     def lora_names(self) -> list[str]:
         return sorted(self._adapters)
 
-    def validate(self, request_id: str, prompt_token_ids: list[int], lora: str | None = None) -> None:
+    def validate(self, request_id: str, prompt_token_ids: list[int], lora: str | None = None,
+                 params: SamplingParams | None = None) -> None:
         """Raises InvalidRequestError for input the engine cannot run."""
         if lora is not None and lora not in self._adapters:
             raise InvalidRequestError(f"adapter {lora!r} is not loaded")
@@ -122,10 +123,14 @@ class LLMEngine:
             raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})")
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if params is not None and params.logit_bias and max(t for t, _ in params.logit_bias) >= self.vocab_size:
+            error = InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+            error.param = "logit_bias"
+            raise error
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     lora: str | None = None, cache_salt: str | None = None) -> None:
-        self.validate(request_id, prompt_token_ids, lora)
+        self.validate(request_id, prompt_token_ids, lora, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), lora=lora,
                        cache_salt=cache_salt)
         try:

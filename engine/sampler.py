@@ -62,10 +62,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
                     outputs: list[list[int]]) -> torch.Tensor:
-    """Presence/frequency penalties on generated tokens (OpenAI) and repetition penalty on all seen tokens (HF).
+    """Presence/frequency penalties on generated tokens (OpenAI), repetition penalty on all seen tokens (HF) and
+    OpenAI's logit_bias.
 
     ``logits[i, t] -= frequency * count_out(t) + presence * [count_out(t) > 0]``; then for every t seen in
-    prompt or output, ``logits[i, t] = logits / r if logits > 0 else logits * r``.
+    prompt or output, ``logits[i, t] = logits / r if logits > 0 else logits * r``; then ``logits[i, t] += bias[t]``
+    (-100 bans a token, +100 all but forces it).
 
     Args:
         logits: Shape: [B, V], modified in place for rows that set a penalty.
@@ -82,6 +84,9 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
             seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), device=logits.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            row[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, dtype=row.dtype, device=logits.device)
     return logits
 
 

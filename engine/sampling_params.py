@@ -12,6 +12,8 @@ MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_se
 MAX_TOKENS = (1 << 31) - 1  # the context limit is checked too; this bounds the arithmetic
 MAX_LOGPROBS = 20
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids past this are no vocabulary's (the engine checks its own)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's bound on logit_bias entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks generate exactly max_tokens
     logprobs: int | None = None  # report the chosen token's log-probability and this many top alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
 
     def __post_init__(self) -> None:
         floats = (self.temperature, self.top_p, self.min_p, self.presence_penalty, self.frequency_penalty,
@@ -56,6 +59,12 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        for token, bias in self.logit_bias:
+            if not 0 <= token <= MAX_TOKEN_ID or not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias: token ids must be in [0, {MAX_TOKEN_ID}] and biases in "
+                                 f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {token}: {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -63,4 +72,6 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether sampling edits this row's logits (penalties, logit_bias) before choosing."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))

@@ -26,13 +26,29 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: float | Literal["auto"] = "auto"
 
 
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's current way to say how to fine-tune: ``{"type": "supervised", "supervised": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
 class FineTuningJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="The base model ('base' or its served name).")
     training_file: str = Field(description="A file id from /v1/files.")
     validation_file: str | None = None
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Older spelling of method.supervised's.")
+    method: Method | None = None
     suffix: str | None = Field(None, description="Adapter name the result is registered under.")
     seed: int | None = None
     metadata: dict[str, str] | None = None
@@ -61,6 +77,7 @@ class FineTuningJobObject(BaseModel):
     training_file: str
     validation_file: str | None
     hyperparameters: dict[str, Any]
+    method: dict[str, Any]
     seed: int
     error: JobErrorInfo | None
     metadata: dict[str, str] | None = None
@@ -71,23 +88,41 @@ class FineTuningJobObject(BaseModel):
 
 def job_object(record: JobRecord) -> FineTuningJobObject:
     j, api = record.job, record.api
+    hyperparameters = {"n_epochs": j["epochs"], "batch_size": j["batch_size"],
+                       "learning_rate_multiplier": j["learning_rate"] / BASE_LEARNING_RATE}
     return FineTuningJobObject(
         id=record.id, created_at=record.created_at, finished_at=record.finished_at,
         model=api.get("model", j.get("base_model", BASE_ALIAS)), fine_tuned_model=record.fine_tuned_model,
         status=record.status, trained_tokens=record.trained_tokens,
         training_file=api.get("training_file", ""), validation_file=api.get("validation_file"),
-        hyperparameters={"n_epochs": j["epochs"], "batch_size": j["batch_size"],
-                         "learning_rate_multiplier": j["learning_rate"] / BASE_LEARNING_RATE},
+        hyperparameters=hyperparameters,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         seed=j["seed"],
         error=JobErrorInfo(code=record.error_code or "job_failed", message=record.error) if record.error else None,
         metadata=api.get("metadata"), metrics=record.metrics, metrics_before=record.metrics_before,
         eval_passed=record.eval_passed)
 
 
+def requested_hyperparameters(req: FineTuningJobRequest) -> tuple[Hyperparameters, str]:
+    """The request's hyperparameters and where they were given (``method.supervised`` or the older top level)."""
+    if req.method is None:
+        return req.hyperparameters or Hyperparameters(), "hyperparameters"
+    if req.method.type != "supervised":
+        raise InvalidRequest(f"method {req.method.type!r} is not supported; only 'supervised' is",
+                             param="method.type")
+    given = req.method.supervised.hyperparameters if req.method.supervised else None
+    if given is not None and req.hyperparameters is not None:
+        raise InvalidRequest("give hyperparameters in method.supervised or at the top level, not both",
+                             param="method")
+    if given is None:
+        return req.hyperparameters or Hyperparameters(), "hyperparameters"
+    return given, "method.supervised.hyperparameters"
+
+
 def build_job(req: FineTuningJobRequest, base_path: str, storage_root: str, train_path: str,
               val_path: str | None, default_name: str, resources: JobResources) -> FineTuneJob:
     """OpenAI request -> FineTuneJob with the operator's ``resources``; any invalid field is a 400 naming it."""
-    hp = req.hyperparameters or Hyperparameters()
+    hp, hp_param = requested_hyperparameters(req)
     raw: dict[str, Any] = {"name": req.suffix or default_name, "base_model": base_path,
                            "train_files": [str(train_path)], "storage_root": str(storage_root)}
     if val_path is not None:
@@ -115,8 +150,8 @@ def build_job(req: FineTuningJobRequest, base_path: str, storage_root: str, trai
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        param = {"name": "suffix", "epochs": "hyperparameters.n_epochs", "batch_size": "hyperparameters.batch_size",
-                 "learning_rate": "hyperparameters.learning_rate_multiplier"}.get(where, f"llmaas.{where}")
+        param = {"name": "suffix", "epochs": f"{hp_param}.n_epochs", "batch_size": f"{hp_param}.batch_size",
+                 "learning_rate": f"{hp_param}.learning_rate_multiplier"}.get(where, f"llmaas.{where}")
         raise InvalidRequest(f"{param}: {first['msg']}", param=param) from None
 
 

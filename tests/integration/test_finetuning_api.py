@@ -95,7 +95,10 @@ def test_missed_eval_threshold_keeps_a_candidate(client, training_file):
 def test_cancel_a_running_job_frees_its_workers(client, training_file):
     free, before = ray.available_resources()["CPU"], live_train_actors()
     job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, suffix="cancelme",
-                                         hyperparameters={"n_epochs": 50}, extra_body={"llmaas": EXT})
+                                         method={"type": "supervised",
+                                                 "supervised": {"hyperparameters": {"n_epochs": 50}}},
+                                         extra_body={"llmaas": EXT})
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 50
     assert wait_until(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data),
                       timeout=180)  # its workers are training
     started = set(live_train_actors()) - set(before)
@@ -143,6 +146,11 @@ def test_bad_uploads_are_rejected(client, content, status, fragment):
     ({"model": "gpt-4"}, "model"),
     ({"suffix": "Bad Name"}, "suffix"),
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+     "method.supervised.hyperparameters.n_epochs"),
+    ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+      "hyperparameters": {"n_epochs": 2}}, "method"),
     ({"extra_body": {"llmaas": {"lora": {"r": 0}}}}, "llmaas.lora.r"),
     ({"extra_body": {"llmaas": {"storage_root": "/"}}}, "llmaas.storage_root"),
     ({"extra_body": {"llmaas": {"num_workers": 64}}}, "llmaas.num_workers"),

@@ -194,3 +194,35 @@ def test_logprobs_through_the_openai_client(client, tiny_chat_dir, default_token
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == comp.choices[0].text
     assert client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=2).choices[0].logprobs is None
+
+
+def test_one_model_is_retrieved_and_an_unknown_one_is_404(client):
+    import openai
+
+    card = client.models.retrieve("tiny-chat")
+    assert card.id == "tiny-chat" and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_logit_bias_forces_a_token_and_bad_biases_are_400(client, default_tokenizer):
+    import openai
+
+    forced = default_tokenizer.encode(" cat")[0]
+    r = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, temperature=1.0, seed=3,
+                                  logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == default_tokenizer.decode([forced] * 4)
+    for bad in ({"cat": 1}, {str(forced): 101}, {str(10 ** 7): 5}):  # not an id, out of range, past the vocabulary
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=2, logit_bias=bad)
+        assert err.value.body["param"].startswith("logit_bias"), bad  # "logit_bias.<id>" for a bad value
+
+
+def test_stream_options_without_stream_is_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2,
+                                       stream_options={"include_usage": True})
+    assert err.value.body["param"] == "stream_options"

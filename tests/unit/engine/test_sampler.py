@@ -52,3 +52,21 @@ def test_sampling_follows_the_distribution():
     draws = [sample(logits.clone(), [SamplingParams(temperature=1.0)], [gen]).item() for _ in range(3000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3).float() / 3000
     torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row():
+    logits = logits_rows(rows=3)
+    top = logits.argmax(dim=-1)
+    params = [SamplingParams(temperature=0.0, logit_bias=((int(top[0]), -100.0),)),  # the greedy pick is banned
+              SamplingParams(temperature=1.0, logit_bias=((7, 100.0),), seed=1),  # forced even when sampling
+              SamplingParams(temperature=0.0)]  # no bias: untouched by its neighbours'
+    gens = [None, torch.Generator().manual_seed(1), None]
+    tokens = sample(logits.clone(), params, gens).tolist()
+    assert tokens[0] != int(top[0]) and tokens[1] == 7 and tokens[2] == int(top[2])
+
+
+@pytest.mark.parametrize("bias", [((1, 100.5),), ((1, float("nan")),), ((-1, 1.0),),
+                                  tuple((i, 1.0) for i in range(301))])
+def test_logit_bias_is_bounded(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
