@@ -22,6 +22,7 @@ class GenerateRequest:
     # How long the model stage may gather deltas into one message (the first and last go at once): 0 sends each
     # as it comes, None only the first and the whole rest (a non-streaming request needs no more).
     stream_interval_s: float | None = 0.0
+    grammar: str | None = None  # llguidance grammar the output follows (structured output); None: free text
 
 
 @dataclass(frozen=True, slots=True)

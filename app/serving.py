@@ -39,6 +39,7 @@ from llmaas.app.protocol import (
     new_id,
 )
 from llmaas.app.response_cache import ResponseCache
+from llmaas.app.structured import grammar_for
 from llmaas.engine import SamplingParams, TokenLogprob
 
 
@@ -65,6 +66,7 @@ class PreparedChoice:
     params: SamplingParams
     adapter: str | None  # immutable adapter version id, resolved at admission
     cache_salt: str | None = None  # prefix-cache partition (the tenant, when the cache is scoped per tenant)
+    grammar: str | None = None  # llguidance grammar of response_format, compiled once in the Router
 
 
 @dataclass(slots=True)
@@ -140,9 +142,12 @@ class OpenAIServing:
         if len(req.messages) > self.limits.max_messages:
             raise InvalidRequest(f"at most {self.limits.max_messages} messages are allowed", param="messages")
         stops, adapter = self._check_common(req, tenant)
+        grammar = None
+        if req.response_format is not None:  # a schema's check is CPU work: off the Router's event loop
+            grammar = await asyncio.to_thread(grammar_for, req.response_format)
         prompt = await self.backend.encode_chat(req.messages, req.token_limit())
         salt = self._salt(tenant)
-        return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt)
+        return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt, grammar)
                          for i in range(req.n)], stops, adapter or req.model)
 
     async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
@@ -172,7 +177,7 @@ class OpenAIServing:
         pending: list[TokenLogprob] = []
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
                                                        choice.params, choice.adapter, choice.cache_salt,
-                                                       interval_s))
+                                                       interval_s, choice.grammar))
         try:
             async for delta in stream:
                 if first_token is None:

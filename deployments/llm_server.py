@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -23,6 +24,7 @@ from llmaas.app.messages import GenerateRequest, TokenDelta
 from llmaas.app.model_source import load_model, resolve_model
 from llmaas.app.registry import Registry, parse_model_id
 from llmaas.app.storage import StorageUnavailable
+from llmaas.app.structured import guide_factory
 from llmaas.deployments.config import AppConfig
 from llmaas.deployments.metrics import EngineMetrics
 from llmaas.engine import (
@@ -54,6 +56,7 @@ class LLMServer:
         if config.engine.torch_threads:
             torch.set_num_threads(config.engine.torch_threads)
         model = resolve_model(config.model)
+        self.model_path, self.eos_token_ids = model.path, model.eos_token_ids
         engine = LLMEngine(load_model(model.path), model.engine_config(config.engine))
         self.engine = AsyncLLMEngine(engine)
         self.registry = Registry(config.storage_root)
@@ -103,7 +106,11 @@ class LLMServer:
         try:
             if request.adapter is not None:
                 await self.get_adapter(request.adapter)
-            stream = self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
+            params = request.params
+            if request.grammar is not None:  # the grammar the Router checked; its matcher is built off the loop
+                guide = await asyncio.to_thread(guide_factory, self.model_path, self.eos_token_ids, request.grammar)
+                params = replace(params, guide=guide)
+            stream = self.engine.generate(request.request_id, request.prompt_token_ids, params,
                                           request.adapter, request.cache_salt, request.stream_interval_s)
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORT:

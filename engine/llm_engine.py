@@ -135,6 +135,8 @@ class LLMEngine:
                        cache_salt=cache_salt)
         try:
             self._check("admission", seq)
+            if params.guide is not None:
+                seq.guide = params.guide()
             self.runner.add_generator(seq)
         except Exception as exc:
             raise _failed("admission", exc) from exc
@@ -216,7 +218,10 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         seq.output_token_ids.append(token)
         p = seq.params
-        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
+        if seq.guide is not None:
+            seq.guide.accept(token)
+        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids or (
+                seq.guide is not None and seq.guide.is_finished()):
             seq.finish_reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH

@@ -95,7 +95,8 @@ class ModelRunner:
             return {}, {}
         logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V], shared
         sampled = [batch.seqs[r] for r in sample_rows]
-        penalized = any(s.params.penalized for s in sampled)  # penalties edit logits in place: keep the original
+        # penalties and guides edit logits in place: keep the original for the row-by-row fallback
+        penalized = any(s.params.penalized or s.guide is not None for s in sampled)
         states = {s.request_id: g.get_state() for s in sampled if (g := self._generators.get(s.request_id))}
         try:
             for seq in sampled:
@@ -127,6 +128,11 @@ class ModelRunner:
         """logits: [R, V] for ``seqs`` -> (token, logprobs if asked) per row."""
         params = [s.params for s in seqs]
         logprobs = compute_logprobs(logits, params)  # before sampling: penalties edit logits in place
+        guided = [j for j, seq in enumerate(seqs) if seq.guide is not None]
+        if guided:  # tokens the grammar rules out cannot be sampled (logprobs stay raw); one copy to the device
+            allowed = torch.stack([seqs[j].guide.allowed(logits.shape[-1]) for j in guided]).to(logits.device)
+            rows = torch.tensor(guided, device=logits.device)
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))  # [G, V]
         tokens = sample(logits, params, [self._generators.get(s.request_id) for s in seqs],
                         [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]).tolist()
         picked = pick_logprobs(logprobs, tokens, params)

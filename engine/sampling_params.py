@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
 
 # The engine's hard limits on a request's numbers, in one place: the API edge imports them, so a value
 # that would overflow a tensor or a generator is a 400 before any model time (and a ValueError here for
@@ -14,6 +18,20 @@ MAX_LOGPROBS = 20
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids past this are no vocabulary's (the engine checks its own)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's bound on logit_bias entries
+
+
+class TokenGuide(Protocol):
+    """One request's constraint on its next token (grammar-constrained decoding): the engine masks every token
+    ``allowed`` rules out before sampling, then tells the guide which token was chosen."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """Shape: [vocab_size] bool, True for tokens that may come next."""
+
+    def accept(self, token: int) -> None:
+        """Advances past ``token`` (always one ``allowed`` gave)."""
+
+    def is_finished(self) -> bool:
+        """Whether the constrained output is complete (nothing more may follow): the request ends there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate exactly max_tokens
     logprobs: int | None = None  # report the chosen token's log-probability and this many top alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
+    guide: Callable[[], TokenGuide] | None = field(default=None, compare=False)  # a new guide per request
 
     def __post_init__(self) -> None:
         floats = (self.temperature, self.top_p, self.min_p, self.presence_penalty, self.frequency_penalty,

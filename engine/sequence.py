@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, TokenGuide
 
 
 class SequenceStatus(enum.Enum):
@@ -38,6 +38,7 @@ class Sequence:
     lora_slot: int | None = None  # pool slot while running with an adapter
     cache_salt: str | None = None  # prefix-cache partition (e.g. the tenant): blocks are reused only within it
     slot_waits: int = 0  # steps this request waited for a LoRA slot (every slot pinned)
+    guide: TokenGuide | None = None  # its grammar's state, when the request is constrained
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -33,3 +33,30 @@ def test_default_model_streams(default_client):
         model="base", messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0,
         stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+def test_structured_output_always_parses(default_client):
+    """50 samples at temperature 1 on the default model (10 requests of n = 5 in flight at once, 50 distinct
+    seeds): every one is JSON of the schema that ended by itself. The schema bounds its strings and numbers,
+    so ending is the grammar's doing, not luck (json_object's strings are unbounded: a sample may run to
+    max_tokens; tests/unit/app/test_structured.py checks that grammar)."""
+    import concurrent.futures as cf
+    import json
+
+    messages = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 24},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}}
+
+    def ask(request: int):
+        return default_client.chat.completions.create(model="base", messages=messages, n=5, seed=5 * request,
+                                                      temperature=1.0, max_tokens=100,
+                                                      response_format=response_format)
+    with cf.ThreadPoolExecutor(10) as pool:
+        choices = [c for r in pool.map(ask, range(10)) for c in r.choices]
+    assert len(choices) == 50
+    for c in choices:
+        assert c.finish_reason == "stop", c.message.content
+        value = json.loads(c.message.content)
+        assert set(value) == {"name", "age"} and len(value["name"]) <= 24 and 0 <= value["age"] <= 30

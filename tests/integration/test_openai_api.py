@@ -226,3 +226,38 @@ def test_stream_options_without_stream_is_400(client):
         client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2,
                                        stream_options={"include_usage": True})
     assert err.value.body["param"] == "stream_options"
+
+
+def test_parse_with_a_pydantic_model_gets_typed_fields_streaming_or_not(client):
+    """openai's own structured-output helper against the tiny random model: only the grammar makes its output
+    parse, so this fails unless every token is constrained."""
+    import json
+    from typing import Literal
+
+    import pydantic
+
+    class Mood(pydantic.BaseModel):
+        mood: Literal["happy", "sad"]
+        score: int = pydantic.Field(ge=0, le=9)
+
+    for seed in range(3):
+        r = client.chat.completions.parse(model="tiny-chat", messages=MESSAGES, response_format=Mood,
+                                          max_tokens=64, temperature=1.0, seed=seed)
+        parsed = r.choices[0].message.parsed
+        assert isinstance(parsed, Mood) and r.choices[0].finish_reason == "stop"
+    strict = Mood.model_json_schema() | {"additionalProperties": False}
+    schema = {"type": "json_schema", "json_schema": {"name": "Mood", "strict": True, "schema": strict}}
+    chunks = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, response_format=schema,
+                                            max_tokens=64, temperature=1.0, seed=7, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert Mood.model_validate(json.loads(text))
+
+
+def test_an_invalid_response_format_is_400(client):
+    import openai
+
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}},
+                {"type": "yaml"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4, response_format=bad)
+        assert err.value.body["param"].startswith("response_format"), err.value.body

@@ -1,0 +1,119 @@
+"""Structured output: OpenAI's ``response_format`` as a grammar the engine decodes under (llguidance).
+
+The Router turns ``json_object`` / ``json_schema`` into an llguidance grammar and checks it (an invalid schema
+is a 400 before any model time); the model stage compiles it into a matcher once per grammar (off the event
+loop) and gives each request a copy; the engine masks every token the grammar rules out before sampling
+(engine.TokenGuide), so the output is the sampled tokens, always valid, never repaired afterwards.
+llguidance (Microsoft's; vLLM and SGLang use it): a 3 MB wheel without dependencies, ~0.1 ms per mask for
+SmolLM2's 49k vocabulary on a 2-core box; xgrammar would pull triton onto a CPU box.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+
+from llmaas.app.errors import InvalidRequest
+
+ANY_JSON_OBJECT = '{"type": "object"}'
+MAX_SCHEMA_CHARS = 65536  # a schema is checked in the Router's request path: bound the work one request asks
+# Compact JSON: with free whitespace a small model can pad forever instead of closing the object. An override,
+# so a schema's own "x-guidance" options cannot turn it back on.
+OVERRIDES = {"whitespace_flexible": False}
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(schema: str) -> tuple[str, str]:
+    """(grammar, error): errors are cached too, so a bad schema sent again costs nothing."""
+    if len(schema) > MAX_SCHEMA_CHARS:
+        return "", f"the JSON schema is over {MAX_SCHEMA_CHARS} characters"
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=OVERRIDES)
+        return grammar, llguidance.LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return "", str(exc) or type(exc).__name__
+
+
+def grammar_for(response_format: Any) -> str | None:
+    """An llguidance grammar for a request's ``response_format`` (None: unconstrained text); 400 if unsupported.
+    Properties keep the schema's order (models answer in it: reasoning before answer)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        schema = ANY_JSON_OBJECT
+    else:
+        spec = response_format.json_schema.schema_
+        schema = json.dumps(spec if spec is not None else {}, separators=(",", ":"))
+    grammar, error = _compile(schema)
+    if error:
+        raise InvalidRequest(f"response_format: the JSON schema is not supported: {error}", param="response_format")
+    return grammar
+
+
+def _engine_error(exc: BaseException) -> RuntimeError:
+    """llguidance's Rust panics arrive as BaseException (pyo3's PanicException): as an Exception they fail one
+    request; as they are they would end the engine loop."""
+    return RuntimeError(f"grammar matcher failed: {type(exc).__name__}: {exc}")
+
+
+class GrammarGuide:
+    """engine.TokenGuide over one llguidance matcher (one per request)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher = matcher
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """Shape: [vocab_size] bool; tokens past the tokenizer's vocabulary (padding rows) are never allowed."""
+        try:
+            raw = self.matcher.compute_bitmask()
+        except BaseException as exc:  # noqa: BLE001 - see _engine_error
+            raise _engine_error(exc) from None
+        words = torch.frombuffer(bytearray(raw), dtype=torch.int32)  # [ceil(V' / 32)]
+        bits = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(-1)  # [32 * words]
+        if bits.numel() >= vocab_size:
+            return bits[:vocab_size]
+        return torch.cat([bits, bits.new_zeros(vocab_size - bits.numel())])
+
+    def accept(self, token: int) -> None:
+        try:
+            ok = self.matcher.consume_token(token)
+        except BaseException as exc:  # noqa: BLE001 - see _engine_error
+            raise _engine_error(exc) from None
+        if not ok:
+            raise ValueError(f"token {token} does not fit the grammar: {self.matcher.get_error()}")
+
+    def is_finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+@functools.lru_cache(maxsize=4)
+def guide_tokenizer(path: str, eos_token_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
+    """llguidance's view of a checkpoint's tokenizer (~0.3 s for SmolLM2's; once per process), ending on every
+    id the engine ends on (the model's turn end may not be the tokenizer's eos)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(path), eos_token=list(eos_token_ids))
+    except ValueError as exc:  # e.g. a model with only a slow tokenizer
+        raise InvalidRequest(f"response_format is not available for this model: {exc}",
+                             param="response_format") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _template(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMatcher:
+    matcher = llguidance.LLMatcher(tokenizer, grammar)
+    if matcher.is_error():
+        raise InvalidRequest(f"response_format: {matcher.get_error()}", param="response_format")
+    return matcher
+
+
+def guide_factory(path: str, eos_token_ids: Sequence[int], grammar: str) -> Callable[[], GrammarGuide]:
+    """What SamplingParams.guide holds: a fresh copy of the grammar's matcher per request. The matcher is built
+    once per (tokenizer, grammar), here: call this off the event loop (a big grammar takes ~0.1-1 s)."""
+    template = _template(guide_tokenizer(path, tuple(eos_token_ids)), grammar)
+    return lambda: GrammarGuide(template.deep_copy())
