@@ -32,9 +32,11 @@ import torch
 try:  # installed package, or the bare repo on a GPU box (run from the repo root: engine/ is a plain package)
     from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
     from llmaas.engine import LORA_TARGET_MODULES, EngineConfig, LLMEngine, SamplingParams
+    from llmaas.engine.quantization import MODES as QUANTIZATION_MODES
 except ImportError:  # pragma: no cover
     from benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
     from engine import LORA_TARGET_MODULES, EngineConfig, LLMEngine, SamplingParams
+    from engine.quantization import MODES as QUANTIZATION_MODES
 
 CONFIGS = {  # real shapes, random weights: nothing is downloaded
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -233,7 +235,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+    p.add_argument("--quantization", default="none", choices=QUANTIZATION_MODES,
                    help="our side's weights (the peers keep --dtype floats)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--hf-batch", type=int, default=None, help="HF generate batch size (default: all requests)")

@@ -21,6 +21,7 @@ import torch
 
 from llmaas.benchmarks.common import add_repeats, interleave, print_versus, save, shift, timed, versus
 from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
+from llmaas.engine.quantization import MODES as QUANTIZATION_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+    p.add_argument("--quantization", default="none", choices=QUANTIZATION_MODES,
                    help="our engine's weights (int4: the GGUF file's own Q4_1 blocks); HF keeps --dtype floats")
     p.add_argument("--threads", type=int, default=2)
     add_repeats(p)

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .quantization import GROUP_SIZES, MODES
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -44,9 +46,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
-        if self.quant_group_size not in (32, 64, 128, 256):
-            raise ValueError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}")
+        if self.quantization not in MODES:
+            raise ValueError(f"quantization must be one of {MODES}, got {self.quantization!r}")
+        if self.quant_group_size not in GROUP_SIZES:
+            raise ValueError(f"quant_group_size must be one of {GROUP_SIZES}, got {self.quant_group_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -33,6 +33,7 @@ from .lora import ATTN_MODULES, GROUPS, MLP_MODULES
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes torch's int4 kernels take
 M_BUCKETS = (1, 4, 16, 64, 256)  # rows per call: decode batches up to 16, prefill chunks beyond
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 FUSED = dict(zip(GROUPS, ("qkv_proj", "gate_up_proj")))  # projection group -> the fused module's attribute name
