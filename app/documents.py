@@ -1,7 +1,8 @@
 """A JSON document on any storage backend, updated by compare-and-set: the registry and job records use it.
 
 The document is a series of immutable generation objects, ``<prefix>/<generation:012d>.json``; the newest
-is the document (each object's first line is the id of the writer that created it, the JSON follows). An update reads generation g, computes the new content and *creates* g + 1 with a
+is the document (each object's first line is the id of the writer that created it, the JSON follows).
+An update reads generation g, computes the new content and *creates* g + 1 with a
 conditional write (create only if absent: S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, a hard link
 on a local disk). Two writers that read the same g race for the same key and exactly one wins; the loser
 re-reads and re-applies its change. Why generations rather than overwriting one key with ``If-Match``: a

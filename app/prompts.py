@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import TokenizedPrompt
-from llmaas.app.protocol import ChatMessage
+from llmaas.app.protocol import ChatMessage, Tool
+from llmaas.app.tools import render, tool_family
 
 
 def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
@@ -27,20 +28,24 @@ def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, p
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, served_name: str, max_model_len: int) -> None:
+    def __init__(self, tokenizer, served_name: str, max_model_len: int, tool_format: str = "auto") -> None:
         self.tokenizer = tokenizer
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.vocab = len(tokenizer)
+        self.tool_family = tool_family(tokenizer.chat_template, tool_format)
 
-    def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt:
+    def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None,
+                    tools: list[Tool] | None = None, instruct_tools: bool = True) -> TokenizedPrompt:
+        """``tools``: the functions the model is shown (None when tool_choice is none); ``instruct_tools``: with
+        how to call them (tool_choice auto; a grammar needs no instructions)."""
         if self.tokenizer.chat_template is None:
             raise InvalidRequest(f"model {self.served_name!r} has no chat template; use /v1/completions",
                                  param="messages")
+        convo, template_tools = render(messages, tools, self.tool_family, instruct_tools)
         # transformers renders templates in a sandboxed Jinja environment.
-        convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        ids = self.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
+        ids = self.tokenizer.apply_chat_template(convo, tools=template_tools, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
         return TokenizedPrompt(list(ids), check_context(len(ids), max_tokens, self.max_model_len, "messages"))
 
     def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:

@@ -34,17 +34,20 @@ from llmaas.app.protocol import (
     ModelList,
     ResponseMessage,
     TokenLogprobEntry,
+    Tool,
     TopLogprob,
     Usage,
     new_id,
 )
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.structured import grammar_for
+from llmaas.app.tools import ToolFamily, ToolPlan, call_stream, collect, plan_tools
 from llmaas.engine import SamplingParams, TokenLogprob
 
 
 class Backend(Protocol):
-    async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt: ...
+    async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None,
+                          tools: list[Tool] | None = None, instruct_tools: bool = True) -> TokenizedPrompt: ...
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt: ...
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
 
@@ -74,6 +77,7 @@ class Prepared:
     choices: list[PreparedChoice]
     stops: list[str]
     model: str  # what responses report: the adapter version that served, or the requested base name
+    tools: ToolPlan | None = None  # chat with tools in play: how calls are read back from each choice
 
 
 class Observer(Protocol):
@@ -96,7 +100,8 @@ class RequestLimits:
 class OpenAIServing:
     def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, limits: RequestLimits,
                  cache: ResponseCache | None = None, observer: Observer | None = None,
-                 prefix_cache_per_tenant: bool = False, stream_interval_s: float = 0.0) -> None:
+                 prefix_cache_per_tenant: bool = False, stream_interval_s: float = 0.0,
+                 tool_family: ToolFamily = "smollm2") -> None:
         self.backend = backend
         self.decoder = decoder
         self.catalog = catalog
@@ -105,6 +110,7 @@ class OpenAIServing:
         self.observer = observer
         self.prefix_cache_per_tenant = prefix_cache_per_tenant
         self.stream_interval_s = stream_interval_s
+        self.tool_family = tool_family  # the served model's tool-call format (app/tools.py)
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
@@ -142,13 +148,22 @@ class OpenAIServing:
         if len(req.messages) > self.limits.max_messages:
             raise InvalidRequest(f"at most {self.limits.max_messages} messages are allowed", param="messages")
         stops, adapter = self._check_common(req, tenant)
-        grammar = None
-        if req.response_format is not None:  # a schema's check is CPU work: off the Router's event loop
-            grammar = await asyncio.to_thread(grammar_for, req.response_format)
-        prompt = await self.backend.encode_chat(req.messages, req.token_limit())
+        grammar, tools = None, None
+        if req.response_format is not None or req.tools or req.tool_choice is not None:
+            grammar, tools = await asyncio.to_thread(self._grammar, req)  # schema checks are CPU work
+        prompt = await self.backend.encode_chat(req.messages, req.token_limit(), list(tools.tools) if tools else None,
+                                                tools is None or tools.mode == "auto")
         salt = self._salt(tenant)
         return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt, grammar)
-                         for i in range(req.n)], stops, adapter or req.model)
+                         for i in range(req.n)], stops, adapter or req.model, tools)
+
+    @staticmethod
+    def _grammar(req: ChatCompletionRequest) -> tuple[str | None, ToolPlan | None]:
+        """(the grammar the output follows, the tool plan): 400s for a bad schema or a bad tool_choice."""
+        tools = plan_tools(req)
+        if tools is not None:
+            return tools.grammar, tools
+        return grammar_for(req.response_format), None
 
     async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
         texts = req.prompts()
@@ -308,13 +323,31 @@ class OpenAIServing:
         self.cache.put(key, response)
         return response
 
+    def _chat_choice(self, prep: Prepared, index: int, text: str, reason: str | None, logprobs: ChoiceLogprobs | None
+                     ) -> ChatChoice:
+        if prep.tools is None:
+            return ChatChoice(index=index, message=ResponseMessage(content=text), finish_reason=reason,
+                              logprobs=logprobs)
+        calls = call_stream(prep.tools, self.tool_family)
+        content, deltas = calls.feed(text)
+        rest, more = calls.finish()
+        made = collect(deltas + more)
+        content += rest
+        return ChatChoice(index=index, finish_reason=self._finish(reason, bool(made)), logprobs=logprobs,
+                          message=ResponseMessage(content=(content or None) if made else content,
+                                                  tool_calls=made or None))
+
+    @staticmethod
+    def _finish(reason: str | None, called: bool) -> str | None:
+        """OpenAI's finish_reason: 'tool_calls' when the answer (that ended by itself) made calls."""
+        return "tool_calls" if called and reason == "stop" else reason
+
     async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
         prep = await self.prepare_chat(req, tenant)
         asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "chatcmpl", lambda rid, rows, usage: ChatCompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[ChatChoice(index=i, message=ResponseMessage(content=t), finish_reason=r,
-                                logprobs=self._chat_logprobs(lps, asked)) for i, (t, r, lps) in rows]))
+            choices=[self._chat_choice(prep, i, t, r, self._chat_logprobs(lps, asked)) for i, (t, r, lps) in rows]))
 
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
         prep = await self.prepare_completion(req, tenant)
@@ -337,10 +370,22 @@ class OpenAIServing:
                      for c in prep.choices])
         completion: dict[int, int] = {}
         asked = req.logprobs_k() is not None
+        calls = {c.index: call_stream(prep.tools, self.tool_family) for c in prep.choices} if prep.tools else {}
+        called: set[int] = set()
         async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
-            yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=ev.text or None),
-                                         finish_reason=ev.finish_reason,
+            content, deltas = ev.text, []
+            if ev.index in calls:
+                content, deltas = calls[ev.index].feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest, more = calls[ev.index].finish()
+                    content, deltas = content + rest, deltas + more
+                called.update(ev.index for _ in deltas[:1])
+            if not (content or deltas or ev.finish_reason or ev.logprobs):
+                continue  # text held back (it may be a tool call): nothing to send yet
+            yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=content or None,
+                                                                            tool_calls=deltas or None),
+                                         finish_reason=self._finish(ev.finish_reason, ev.index in called),
                                          logprobs=self._chat_logprobs(ev.logprobs, asked))])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], self._usage(prep.choices, completion))

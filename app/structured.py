@@ -20,7 +20,7 @@ import torch
 
 from llmaas.app.errors import InvalidRequest
 
-ANY_JSON_OBJECT = '{"type": "object"}'
+ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 MAX_SCHEMA_CHARS = 65536  # a schema is checked in the Router's request path: bound the work one request asks
 # Compact JSON: with free whitespace a small model can pad forever instead of closing the object. An override,
 # so a schema's own "x-guidance" options cannot turn it back on.
@@ -45,13 +45,16 @@ def grammar_for(response_format: Any) -> str | None:
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        schema = ANY_JSON_OBJECT
-    else:
-        spec = response_format.json_schema.schema_
-        schema = json.dumps(spec if spec is not None else {}, separators=(",", ":"))
-    grammar, error = _compile(schema)
+        return grammar_for_schema(ANY_JSON_OBJECT, "response_format")
+    spec = response_format.json_schema.schema_
+    return grammar_for_schema(spec if spec is not None else {}, "response_format")
+
+
+def grammar_for_schema(schema: dict[str, Any], param: str) -> str:
+    """The grammar of output valid against a JSON schema (cached per schema), or a 400 on ``param``."""
+    grammar, error = _compile(json.dumps(schema, separators=(",", ":")))
     if error:
-        raise InvalidRequest(f"response_format: the JSON schema is not supported: {error}", param="response_format")
+        raise InvalidRequest(f"{param}: the JSON schema is not supported: {error}", param=param)
     return grammar
 
 

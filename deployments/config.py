@@ -10,6 +10,7 @@ from llmaas.app.config import EngineSettings, ModelSettings
 from llmaas.app.protocol import MAX_N
 from llmaas.app.rate_limit import RateLimitSettings
 from llmaas.app.serving import RequestLimits
+from llmaas.app.tools import ToolFormat
 from llmaas.training.config import JobResources
 
 
@@ -62,6 +63,10 @@ class AppConfig(BaseModel):
                                "message to the Router (and one SSE event); the first token is never held. 0 sends "
                                "each step's tokens as they come. Non-streaming requests cross in two messages (the "
                                "first token, the rest); requests with stop strings always get each step's tokens.")
+    tool_format: ToolFormat = Field(
+        "auto", description="How the model writes tool calls under tool_choice auto: smollm2 (<tool_call>[...] "
+                            "lists, tools in the system turn), hermes (Qwen2.5 / Hermes <tool_call> tags), llama3 "
+                            "(bare JSON calls). auto reads it from the chat template.")
 
     @field_validator("storage_root", mode="before")
     @classmethod

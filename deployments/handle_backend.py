@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from llmaas.app.errors import unwrap
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
 from llmaas.app.prompts import PromptEncoder
-from llmaas.app.protocol import ChatMessage
+from llmaas.app.protocol import ChatMessage, Tool
 
 
 class HandleBackend:
@@ -35,8 +35,9 @@ class HandleBackend:
         except Exception as exc:
             raise unwrap(exc) from None
 
-    async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt:
-        return await self._tokenize("encode_chat", messages, max_tokens)
+    async def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None,
+                          tools: list[Tool] | None = None, instruct_tools: bool = True) -> TokenizedPrompt:
+        return await self._tokenize("encode_chat", messages, max_tokens, tools, instruct_tools)
 
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
         return await self._tokenize("encode_prompt", prompt, max_tokens)

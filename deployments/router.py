@@ -38,6 +38,7 @@ from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.serving import OpenAIServing
 from llmaas.app.storage import StorageUnavailable
+from llmaas.app.tools import tool_family
 from llmaas.deployments.config import AppConfig
 from llmaas.deployments.handle_backend import HandleBackend
 from llmaas.deployments.management import Management, PromoteRequest, RegisterAdapterRequest
@@ -273,11 +274,13 @@ class Router:
         encoder = None
         if config.tokenize_in_router:  # its own tokenizer copy: encoding never shares one with decoding here
             encoder = PromptEncoder(AutoTokenizer.from_pretrained(model.path), model.served_name,
-                                    model.max_model_len)
-        self.serving = OpenAIServing(HandleBackend(tokenizer, llm, encoder), AutoTokenizer.from_pretrained(model.path),
+                                    model.max_model_len, config.tool_format)
+        decoder = AutoTokenizer.from_pretrained(model.path)
+        self.serving = OpenAIServing(HandleBackend(tokenizer, llm, encoder), decoder,
                                      self.catalog, config.request_limits(), cache, self.metrics,
                                      prefix_cache_per_tenant=scope == "tenant",
-                                     stream_interval_s=config.stream_interval_ms / 1e3)
+                                     stream_interval_s=config.stream_interval_ms / 1e3,
+                                     tool_family=tool_family(decoder.chat_template, config.tool_format))
         self._watcher: asyncio.Task | None = None
         api.state.gate = _Gate(auth, RateLimiter(config.rate_limits), int(config.max_body_mb * (1 << 20)),
                                self.manage.max_upload_bytes, self.metrics, cache)

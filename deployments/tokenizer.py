@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from llmaas.app.messages import TokenizedPrompt
 from llmaas.app.model_source import resolve_model
 from llmaas.app.prompts import PromptEncoder
-from llmaas.app.protocol import ChatMessage
+from llmaas.app.protocol import ChatMessage, Tool
 from llmaas.deployments.config import AppConfig
 
 
@@ -17,10 +17,11 @@ class Tokenizer:
     def __init__(self, config: AppConfig) -> None:
         model = resolve_model(config.model)
         self.encoder = PromptEncoder(AutoTokenizer.from_pretrained(model.path), model.served_name,
-                                     model.max_model_len)
+                                     model.max_model_len, config.tool_format)
 
-    def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None) -> TokenizedPrompt:
-        return self.encoder.encode_chat(messages, max_tokens)
+    def encode_chat(self, messages: list[ChatMessage], max_tokens: int | None,
+                    tools: list[Tool] | None = None, instruct_tools: bool = True) -> TokenizedPrompt:
+        return self.encoder.encode_chat(messages, max_tokens, tools, instruct_tools)
 
     def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
         return self.encoder.encode_prompt(prompt, max_tokens)

@@ -29,10 +29,12 @@ def default_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
-    """A tiny random Llama checkpoint with the default model's tokenizer and chat template."""
+    """A tiny random Llama checkpoint with the default model's tokenizer and chat template; 1024 positions hold
+    SmolLM2's tool-calling prompt (~400 tokens for two tools)."""
     from tests.models import save_tiny_chat_model
 
-    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "tiny-chat", default_model_dir,
+                                max_positions=1024)
 
 
 @pytest.fixture(scope="session")

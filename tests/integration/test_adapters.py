@@ -266,3 +266,26 @@ def test_more_versions_than_lora_slots_under_concurrent_load(base_url, client, a
         answers = list(pool.map(lambda v: (v, chat_text(client, v)), order))
     assert all(model == v and text == expected[v] for v, (model, text) in answers)
     assert llm.stats.remote().result()["adapter_loads"] - loads > 0  # versions were evicted and loaded again
+
+
+def test_tool_calls_stay_valid_with_an_adapter_in_a_mixed_batch(base_url, client, adapter_dirs):
+    """Named and required tool choice on an adapter and on the base, in flight together: every call valid."""
+    from tests.integration.test_openai_api import ASK_WEATHER, TOOLS, assert_valid_calls
+
+    version = register(base_url, "tooly", adapter_dirs[0], promote=True)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    def ask(i: int):
+        model, choice = ("tooly" if i % 2 else "tiny-chat"), (named if i % 3 else "required")
+        r = client.chat.completions.create(model=model, messages=ASK_WEATHER, tools=TOOLS, tool_choice=choice,
+                                           parallel_tool_calls=False, n=2, seed=i, temperature=1.0, max_tokens=100)
+        return r.model, [c.message.tool_calls for c in r.choices], [c.finish_reason for c in r.choices]
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(ask, range(12)))
+    assert {model for model, _, _ in results} == {version, "tiny-chat"}
+    for i, (_, calls, reasons) in enumerate(results):
+        assert reasons == ["tool_calls"] * 2
+        for choice_calls in calls:
+            assert len(choice_calls) == 1
+            assert_valid_calls(choice_calls, ("get_weather",) if i % 3 else ("get_weather", "get_time"))

@@ -60,3 +60,17 @@ def test_structured_output_always_parses(default_client):
         assert c.finish_reason == "stop", c.message.content
         value = json.loads(c.message.content)
         assert set(value) == {"name", "age"} and len(value["name"]) <= 24 and 0 <= value["age"] <= 30
+
+
+def test_default_model_calls_a_required_tool_with_valid_arguments(default_client):
+    """The real model under tool_choice required picks the tool the question asks for and fills it in (greedy).
+    Under auto it answers in prose: SmolLM2-135M was not trained to call tools (the 1.7B was)."""
+    import json
+
+    from tests.integration.test_openai_api import ASK_WEATHER, TOOLS, assert_valid_calls
+
+    r = default_client.chat.completions.create(model="base", messages=ASK_WEATHER, tools=TOOLS,
+                                               tool_choice="required", temperature=0, max_tokens=64)
+    calls = r.choices[0].message.tool_calls
+    assert_valid_calls(calls)
+    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments)["city"] == "Paris"

@@ -22,7 +22,7 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new: int, **generate_kwargs)
 def test_models_lists_served_name_and_base(client):
     models = {m.id: m for m in client.models.list().data}
     assert {"tiny-chat", "base"} <= set(models)
-    assert models["base"].parent == "tiny-chat" and models["tiny-chat"].max_model_len == 256
+    assert models["base"].parent == "tiny-chat" and models["tiny-chat"].max_model_len == 1024
 
 
 def test_chat_completion_greedy_equals_transformers(client, tiny_chat_dir, default_tokenizer):
@@ -261,3 +261,100 @@ def test_an_invalid_response_format_is_400(client):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4, response_format=bad)
         assert err.value.body["param"].startswith("response_format"), err.value.body
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 16},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"enum": ["UTC", "CET"]}, "seconds": {"type": "boolean"}}}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def assert_valid_calls(calls, allowed=("get_weather", "get_time")) -> None:
+    """Every call names one of the tools and its arguments are JSON valid against that tool's schema."""
+    import json
+
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def streamed_calls(chunks) -> tuple[list[tuple[str, str, str]], str | None]:
+    """Tool calls put together from stream deltas as clients do: a delta with an id opens a call, later ones at
+    its index add argument fragments. Returns ([(id, name, arguments)], the last finish_reason)."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for tc in choice.delta.tool_calls or ():
+                if tc.id is not None:
+                    assert tc.index not in calls and tc.type == "function" and tc.function.name
+                    calls[tc.index] = [tc.id, tc.function.name, tc.function.arguments or ""]
+                else:
+                    assert tc.function.name is None
+                    calls[tc.index][2] += tc.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("tool_choice, parallel", [
+    ({"type": "function", "function": {"name": "get_time"}}, None),
+    ("required", False),
+    ("required", True),
+])
+def test_named_and_required_tool_choice_always_give_valid_arguments(client, tool_choice, parallel):
+    """20 samples at temperature 1 from a random model: only the grammar makes every call valid."""
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny-chat", messages=ASK_WEATHER, tools=TOOLS, n=5, seed=seed,
+                                           tool_choice=tool_choice, temperature=1.0, max_tokens=200, **extra)
+        for choice in r.choices:
+            calls = choice.message.tool_calls
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+            assert_valid_calls(calls, ("get_time",) if isinstance(tool_choice, dict) else ("get_weather", "get_time"))
+            assert len(calls) == 1 or parallel is True
+
+
+def test_a_tool_round_trip_streaming_or_not(client):
+    """tools -> tool_calls -> a tool message -> the final answer; the streamed calls equal the non-streamed."""
+    ask = dict(model="tiny-chat", messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+               parallel_tool_calls=False, temperature=1.0, seed=11, max_tokens=100)
+    r = client.chat.completions.create(**ask)
+    message = r.choices[0].message
+    assert_valid_calls(message.tool_calls)
+    calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert [c[1:] for c in calls] == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+    assert finish == "tool_calls"
+
+    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"temperature": 21}'}
+    follow_up = ASK_WEATHER + [message, result]  # the assistant message as the client returned it
+    final = client.chat.completions.create(model="tiny-chat", messages=follow_up, tools=TOOLS, max_tokens=12,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert final.choices[0].message.content and final.choices[0].finish_reason == "length"
+    assert final.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=follow_up, tools=TOOLS, max_tokens=12,
+                                                 temperature=0, extra_body={"ignore_eos": True}, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == final.choices[0].message.content
+
+
+def test_bad_tool_requests_are_400(client):
+    import openai
+
+    for kwargs, param in (({"tool_choice": "required"}, "tool_choice"),
+                          ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                           "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-chat", messages=ASK_WEATHER, max_tokens=4, **kwargs)
+        assert err.value.body["param"] == param, err.value.body
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-chat", max_tokens=4,
+                                       messages=[*ASK_WEATHER, {"role": "tool", "content": "no call id"}])
