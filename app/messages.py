@@ -34,3 +34,4 @@ class TokenDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # first delta, echo with logprobs: prompt tokens 1..

@@ -220,16 +220,24 @@ class ChatCompletionRequest(_SamplingFields):
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def prompt_logprobs_k(self) -> int | None:
+        return None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(description="Text or token ids.")
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS, description="Most tokens to generate (OpenAI default 16).")
-    echo: StrictBool = False
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS, description="Most tokens to generate (OpenAI default "
+                                                                       "16); 0 with echo scores the prompt only.")
+    echo: StrictBool = Field(False, description="Return the prompt before the completion (with logprobs: the "
+                                                "prompt tokens' too, the first one's null).")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the output and this many "
                                                               "alternatives per token.")
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs_k(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -272,8 +280,8 @@ class ChoiceLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # echo: the prompt's first token has none
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

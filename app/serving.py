@@ -60,6 +60,24 @@ class ChoiceEvent:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the previous event, if asked
+    echo: PromptEcho | None = None  # the choice's first event, when the request echoes its prompt
+
+
+@dataclass(frozen=True, slots=True)
+class PromptEcho:
+    text: str  # the prompt as the client sent it (token ids: decoded)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None  # prompt tokens 1.. (None: not asked)
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """One choice of a non-streaming request, whole."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    echo: PromptEcho | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +88,8 @@ class PreparedChoice:
     adapter: str | None  # immutable adapter version id, resolved at admission
     cache_salt: str | None = None  # prefix-cache partition (the tenant, when the cache is scoped per tenant)
     grammar: str | None = None  # llguidance grammar of response_format, compiled once in the Router
+    echo: str | None = None  # completions with echo: the prompt text returned before the completion
+    score_only: bool = False  # max_tokens 0 with echo: the prompt's logprobs are the answer, not a token
 
 
 @dataclass(slots=True)
@@ -142,7 +162,8 @@ class OpenAIServing:
                               top_k=req.top_k, min_p=req.min_p, seed=seed, ignore_eos=req.ignore_eos,
                               logprobs=req.logprobs_k(),
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                              repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias_pairs())
+                              repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias_pairs(),
+                              prompt_logprobs=req.prompt_logprobs_k())
 
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
         if len(req.messages) > self.limits.max_messages:
@@ -168,14 +189,19 @@ class OpenAIServing:
     async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
         texts = req.prompts()
         stops, adapter = self._check_common(req, tenant, num_prompts=len(texts))
-        if req.echo:
-            raise InvalidRequest("echo is not supported", param="echo")
-        prompts = await asyncio.gather(*(self.backend.encode_prompt(p, req.token_limit()) for p in texts))
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise InvalidRequest("max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens")
+        limit = 1 if score_only else req.token_limit()  # scoring runs the prompt and one token it then drops
+        prompts = await asyncio.gather(*(self.backend.encode_prompt(p, limit) for p in texts))
         choices = []
-        for prompt in prompts:
+        for text, prompt in zip(texts, prompts):
+            echo = None
+            if req.echo:
+                echo = text if isinstance(text, str) else self.decoder.decode(text, skip_special_tokens=False)
             for _ in range(req.n):
                 choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter,
-                                              self._salt(tenant)))
+                                              self._salt(tenant), echo=echo, score_only=score_only))
         return Prepared(choices, stops, adapter or req.model)
 
     def _salt(self, tenant: str | None) -> str | None:
@@ -190,6 +216,14 @@ class OpenAIServing:
         completion_tokens = 0
         started, first_token = time.perf_counter(), None
         pending: list[TokenLogprob] = []
+        echo: PromptEcho | None = None
+
+        def event(text: str, reason: str | None) -> ChoiceEvent:
+            nonlocal echo
+            ev = ChoiceEvent(choice.index, text, reason, num_prompt, completion_tokens, pending, echo)
+            echo = None  # with the first event only
+            return ev
+
         stream = self.backend.generate(GenerateRequest(f"{request_id}-{choice.index}", choice.prompt.token_ids,
                                                        choice.params, choice.adapter, choice.cache_salt,
                                                        interval_s, choice.grammar))
@@ -197,6 +231,11 @@ class OpenAIServing:
             async for delta in stream:
                 if first_token is None:
                     first_token = time.perf_counter()
+                    if choice.echo is not None:
+                        echo = PromptEcho(choice.echo, choice.prompt.token_ids, delta.prompt_logprobs)
+                if choice.score_only:  # the one token generated is not part of the answer
+                    yield event("", "length")
+                    return
                 completion_tokens = delta.num_output_tokens
                 pending.extend(delta.logprobs or ())
                 text = detok.add(delta.token_ids)
@@ -204,14 +243,13 @@ class OpenAIServing:
                     text += detok.flush()
                 text = matcher.feed(text)
                 if matcher.stopped:
-                    yield ChoiceEvent(choice.index, text, "stop", num_prompt, completion_tokens, pending)
+                    yield event(text, "stop")
                     return
                 if delta.finish_reason is not None:
-                    yield ChoiceEvent(choice.index, text + matcher.flush(), delta.finish_reason, num_prompt,
-                                      completion_tokens, pending)
+                    yield event(text + matcher.flush(), delta.finish_reason)
                     return
                 if text:
-                    yield ChoiceEvent(choice.index, text, None, num_prompt, completion_tokens, pending)
+                    yield event(text, None)
                     pending = []
         finally:
             await stream.aclose()  # stops generation early (stop string, client gone)
@@ -265,19 +303,19 @@ class OpenAIServing:
         done = sum(completion.values())
         return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
-    async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[tuple[str, str | None, list]], Usage]:
-        """Per choice (text, finish_reason, logprob entries), and usage."""
-        texts = [""] * len(prep.choices)
-        reasons: list[str | None] = [None] * len(prep.choices)
-        logprobs: list[list[TokenLogprob]] = [[] for _ in prep.choices]
+    async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[ChoiceResult], Usage]:
+        """Each choice whole, and usage."""
+        results = [ChoiceResult() for _ in prep.choices]
         completion: dict[int, int] = {}
         async for ev in self._run_all(request_id, prep.choices, prep.stops, stream=False):
-            texts[ev.index] += ev.text
-            logprobs[ev.index] += ev.logprobs
+            result = results[ev.index]
+            result.text += ev.text
+            result.logprobs += ev.logprobs
+            result.echo = result.echo or ev.echo
             completion[ev.index] = ev.completion_tokens
             if ev.finish_reason is not None:
-                reasons[ev.index] = ev.finish_reason
-        return list(zip(texts, reasons, logprobs)), self._usage(prep.choices, completion)
+                result.finish_reason = ev.finish_reason
+        return results, self._usage(prep.choices, completion)
 
     # ----- logprobs in OpenAI's two shapes -----
     def _token_str(self, token_id: int) -> str:
@@ -295,18 +333,30 @@ class OpenAIServing:
                                                          top_logprobs=[top(t, lp) for t, lp in e.top])
                                        for e in entries])
 
-    def _completion_logprobs(self, entries: list[TokenLogprob], asked: bool, offset: int = 0
-                             ) -> CompletionLogprobs | None:
+    def _completion_logprobs(self, entries: list[TokenLogprob], asked: bool, offset: int = 0,
+                             echo: PromptEcho | None = None) -> CompletionLogprobs | None:
+        """OpenAI's legacy shape; with ``echo`` the prompt's tokens come first (its first token has no logprob)."""
         if not asked:
             return None
         out = CompletionLogprobs()
-        for e in entries:
-            s = self._token_str(e.token_id)
+
+        def add(token_id: int, logprob: float | None, top: dict[str, float] | None) -> None:
+            nonlocal offset
+            s = self._token_str(token_id)
             out.tokens.append(s)
-            out.token_logprobs.append(e.logprob)
-            out.top_logprobs.append({self._token_str(t): lp for t, lp in e.top})
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append(top)
             out.text_offset.append(offset)
             offset += len(s)
+
+        if echo is not None:
+            if echo.logprobs is not None:
+                add(echo.token_ids[0], None, None)
+                for e in echo.logprobs:
+                    add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top})
+            offset = len(echo.text)  # the completion's text follows the prompt as the client sent it
+        for e in entries:
+            add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top})
         return out
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared, tenant: str | None,
@@ -319,7 +369,7 @@ class OpenAIServing:
         rows, usage = await self._collect(rid, prep)
         # a worker thread: with logprobs a response holds up to max_choices x max_tokens x 21 entries, whose
         # detokenizing and model building would stall every other stream on this Router's event loop
-        response = await asyncio.to_thread(build, rid, list(enumerate(rows)), usage)
+        response = await asyncio.to_thread(build, rid, rows, usage)
         self.cache.put(key, response)
         return response
 
@@ -347,15 +397,18 @@ class OpenAIServing:
         asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "chatcmpl", lambda rid, rows, usage: ChatCompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[self._chat_choice(prep, i, t, r, self._chat_logprobs(lps, asked)) for i, (t, r, lps) in rows]))
+            choices=[self._chat_choice(prep, i, r.text, r.finish_reason, self._chat_logprobs(r.logprobs, asked))
+                     for i, r in enumerate(rows)]))
 
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
         prep = await self.prepare_completion(req, tenant)
         asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "cmpl", lambda rid, rows, usage: CompletionResponse(
             id=rid, model=prep.model, usage=usage,
-            choices=[CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._completion_logprobs(lps, asked))
-                     for i, (t, r, lps) in rows]))
+            choices=[CompletionChoice(index=i, text=(r.echo.text if r.echo else "") + r.text,
+                                      finish_reason=r.finish_reason,
+                                      logprobs=self._completion_logprobs(r.logprobs, asked, echo=r.echo))
+                     for i, r in enumerate(rows)]))
 
     async def chat_stream(self, req: ChatCompletionRequest,
                           prepared: Prepared | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -399,10 +452,12 @@ class OpenAIServing:
         offsets: dict[int, int] = {}
         async for ev in self._run_all(rid, prep.choices, prep.stops):
             completion[ev.index] = ev.completion_tokens
+            text = (ev.echo.text if ev.echo else "") + ev.text  # echo: the prompt leads the first chunk
             yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[
-                CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason,
-                                 logprobs=self._completion_logprobs(ev.logprobs, asked, offsets.get(ev.index, 0)))])
-            offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
+                CompletionChoice(index=ev.index, text=text, finish_reason=ev.finish_reason,
+                                 logprobs=self._completion_logprobs(ev.logprobs, asked, offsets.get(ev.index, 0),
+                                                                    ev.echo))])
+            offsets[ev.index] = offsets.get(ev.index, 0) + len(text)
         if req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[],
                                      usage=self._usage(prep.choices, completion))

@@ -116,7 +116,8 @@ class LLMServer:
                 if out.finish_reason is FinishReason.ABORT:
                     return
                 reason = out.finish_reason.value if out.finish_reason else None
-                yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs)
+                yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs,
+                                 out.prompt_logprobs)
         except InvalidRequestError as exc:  # the request's own data, also a fault inside a step: 400 (in-band)
             raise InvalidRequest(str(exc), param=exc.param) from None
         except EngineDeadError as exc:

@@ -34,8 +34,9 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
     last = outputs[-1]
     tokens = [t for o in outputs for t in o.new_token_ids]
     logprobs = [lp for o in outputs for lp in o.logprobs] if last.logprobs is not None else None
+    prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return StepOutput(last.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
-                      logprobs)
+                      logprobs, prompt)
 
 
 class AsyncLLMEngine:

@@ -74,6 +74,10 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # ----- prefix caching -----
+    def _reuses(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may take cached blocks: not when it wants every prompt position's logprobs."""
+        return self.enable_prefix_caching and seq.params.prompt_logprobs is None
+
     @staticmethod
     def _seed(seq: Sequence) -> int:
         """Where a sequence's hash chain starts: the adapter's K/V differ, so its blocks never match the base's;
@@ -89,7 +93,7 @@ class BlockManager:
 
         At least one token is always left to compute, so the step still produces logits to sample from.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self._reuses(seq) or seq.block_table:
             return 0
         ids = seq.token_ids()
         usable = (len(ids) - 1) // self.block_size
@@ -112,7 +116,7 @@ class BlockManager:
         """Hash of the first full block ``match_prefix`` could not reuse, or None if there is no such block."""
         index = len(seq.block_hashes)
         ids = seq.token_ids()
-        if not self.enable_prefix_caching or (index + 1) * self.block_size > len(ids) - 1:
+        if not self._reuses(seq) or (index + 1) * self.block_size > len(ids) - 1:
             return None
         return self._chain(seq, index, tuple(ids[index * self.block_size:(index + 1) * self.block_size]))
 

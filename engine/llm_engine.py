@@ -35,6 +35,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token: prompt tokens 1.., when asked
     error: RequestFailedError | None = None  # the request failed (finish_reason ABORT): raise this to its caller
 
     @property
@@ -228,8 +229,10 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             self._forget(seq)
+        first = len(seq.output_token_ids) == 1 and p.prompt_logprobs is not None
         return StepOutput(seq.request_id, [token], seq.finish_reason, seq.num_prompt_tokens,
-                          len(seq.output_token_ids), None if logprob is None else [logprob])
+                          len(seq.output_token_ids), None if logprob is None else [logprob],
+                          seq.prompt_logprobs if first else None)
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)

@@ -10,9 +10,11 @@ from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
-from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, sample
+from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, prompt_logprobs, sample
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+PROMPT_LOGITS_ROWS = 256  # prompt positions scored at once: [256, V] float32 logits are 50 MB for a 49k vocabulary
 
 
 def num_kv_blocks_for(config: EngineConfig, model: CausalLM) -> int:
@@ -71,7 +73,9 @@ class ModelRunner:
         segments: list[tuple[int, int, int]] = []
         sample_rows: list[int] = []
         last_token: list[int] = []  # flat index of each sampling row's last token
+        first_token: list[int] = []  # flat index of each row's first token
         for row, seq, start, num in zip(order, seqs, starts, nums):
+            first_token.append(len(ids))
             if seq.lora_slot is not None:
                 if segments and segments[-1][2] == seq.lora_slot:
                     segments[-1] = (segments[-1][0], len(ids) + num, seq.lora_slot)
@@ -89,7 +93,9 @@ class ModelRunner:
         if self.lora_pool is not None:
             self.lora_pool.prepare(lora, device)
         hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
-        for seq, num in zip(seqs, nums):
+        for seq, start, num, first in zip(seqs, starts, nums, first_token):
+            if seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, hidden[first:first + num], start)
             seq.num_computed_tokens += num
         if not sample_rows:
             return {}, {}
@@ -123,6 +129,17 @@ class ModelRunner:
         if len(sampled) > 1 and not out:
             raise next(iter(failures.values()))
         return out, failures
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
+        """Appends the log-probabilities of the prompt tokens this chunk's positions predict (position p's logits
+        are token p + 1's). hidden: [num, hidden] for positions start .. start + num - 1."""
+        first = max(start, len(seq.prompt_logprobs))  # a preempted, recomputed prompt is not counted twice
+        end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)
+        for lo in range(first, end, PROMPT_LOGITS_ROWS):
+            hi = min(lo + PROMPT_LOGITS_ROWS, end)
+            logits = self.model.compute_logits(hidden[lo - start:hi - start])  # [hi - lo, V]
+            seq.prompt_logprobs += prompt_logprobs(logits, seq.prompt_token_ids[lo + 1:hi + 1],
+                                                   seq.params.prompt_logprobs or 0)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
         """logits: [R, V] for ``seqs`` -> (token, logprobs if asked) per row."""

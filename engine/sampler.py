@@ -42,6 +42,15 @@ def pick_logprobs(logprobs: dict[int, torch.Tensor], tokens: list[int],
     return out
 
 
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its target token (the prompt's next) and its k likeliest. logits: [N, V]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()  # [N]
+    top = lp.topk(k) if k else None
+    return [TokenLogprob(t, c, tuple(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None
+                         else ()) for j, (t, c) in enumerate(zip(targets, chosen))]
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Masks logits outside each row's top-k and nucleus (top-p) sets with -inf.
 

@@ -50,6 +50,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks generate exactly max_tokens
     logprobs: int | None = None  # report the chosen token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # also each prompt token's (after the first) and its top alternatives;
+    # every prompt position then runs through the model (no prefix-cache reuse)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
     guide: Callable[[], TokenGuide] | None = field(default=None, compare=False)  # a new guide per request
 
@@ -74,8 +76,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for k in (self.logprobs, self.prompt_logprobs):
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs and prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .sampler import TokenLogprob
 from .sampling_params import SamplingParams, TokenGuide
 
 
@@ -39,6 +40,7 @@ class Sequence:
     cache_salt: str | None = None  # prefix-cache partition (e.g. the tenant): blocks are reused only within it
     slot_waits: int = 0  # steps this request waited for a LoRA slot (every slot pinned)
     guide: TokenGuide | None = None  # its grammar's state, when the request is constrained
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
     @property
     def num_prompt_tokens(self) -> int:

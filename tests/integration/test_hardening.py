@@ -203,7 +203,11 @@ HOSTILE = [
     ({"model": "base", "prompt": [[1, 2], [10**9]]}, 400),
     ({"model": "base", "prompt": [-5]}, 400),
     ({"model": "base", "prompt": [[]]}, 400),
-    ({"model": "base", "prompt": "x", "echo": True}, 400),
+    ({"model": "base", "prompt": "x", "max_tokens": 0}, 400),  # 0 only with echo
+    ({"model": "base", "prompt": "x", "echo": True, "max_tokens": 0, "logprobs": 1}, 200),
+    ({"model": "base", "messages": MSG, "tool_choice": "required"}, 400),  # no tools
+    ({"model": "base", "messages": [{"role": "tool", "content": "x"}]}, 400),  # no tool_call_id
+    ({"model": "base", "messages": MSG, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400),
     ({"model": "base", "prompt": "x", "logprobs": 10}, 400),
     ({"model": "base", "prompt": {"a": 1}}, 400),
 ]

@@ -358,3 +358,38 @@ def test_bad_tool_requests_are_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-chat", max_tokens=4,
                                        messages=[*ASK_WEATHER, {"role": "tool", "content": "no call id"}])
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_as_transformers_scores_them(client, tiny_chat_dir,
+                                                                            default_tokenizer):
+    """echo + logprobs + max_tokens 0 (how lm-eval-harness scores text): every prompt token after the first gets
+    log_softmax(logits at the position before it)[token], the first gets null; streamed the same."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = default_tokenizer.encode(prompt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)  # [P - 1, V]
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+    r = client.completions.create(model="base", prompt=prompt, echo=True, max_tokens=0, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert "".join(lp.tokens) == prompt and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+
+    # echo with a completion: the prompt, then the generated text; its tokens follow the prompt's
+    both = client.completions.create(model="base", prompt=prompt, echo=True, max_tokens=4, logprobs=0,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model="base", prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    assert len(both.choices[0].logprobs.tokens) == len(ids) + 4
+    assert both.choices[0].logprobs.text_offset[len(ids)] == len(prompt)
+    streamed = list(client.completions.create(model="base", prompt=prompt, echo=True, max_tokens=4, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in streamed) == both.choices[0].text

@@ -102,3 +102,26 @@ def test_penalties_and_temperature_really_changed_the_sampling_distribution(mode
         processed = torch.log_softmax(logits / params.temperature, dim=-1)
         worst = max(worst, abs(float(processed[token]) - entries[step].logprob))
     assert worst > 100 * ATOL
+
+
+def test_prompt_logprobs_equal_transformers_through_chunks_and_a_cached_prefix(model):
+    """echo's prompt logprobs: position p's log_softmax at token p + 1, for every prompt token after the first,
+    in prefill chunks of 8 tokens, and again for a prompt whose leading blocks another request left cached."""
+    prompt = prompt_of(37, seed=5)
+    engine = LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64, block_size=4,
+                                                          max_loras=0, max_num_batched_tokens=8, max_num_seqs=4))
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # leaves the prompt's blocks in the prefix cache
+    engine.add_request("echo", prompt, SamplingParams(max_tokens=2, prompt_logprobs=3))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    firsts = [o.prompt_logprobs for o in outputs]
+    assert firsts[0] is not None and firsts[1:] == [None]  # with the first token only
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)  # [P - 1, V]
+    got = firsts[0]
+    assert [e.token_id for e in got] == prompt[1:]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in got]),
+                               expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0], atol=ATOL, rtol=0)
+    top = expected.topk(3)
+    assert [[t for t, _ in e.top] for e in got] == top.indices.tolist()
