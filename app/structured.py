@@ -64,23 +64,28 @@ def _engine_error(exc: BaseException) -> RuntimeError:
     return RuntimeError(f"grammar matcher failed: {type(exc).__name__}: {exc}")
 
 
+# byte -> its 8 tokens' logit mask: bit k of byte j of llguidance's little-endian bitmask is token 8j + k
+_BYTE_MASKS = torch.tensor([[0.0 if (byte >> k) & 1 else float("-inf") for k in range(8)] for byte in range(256)])
+
+
 class GrammarGuide:
     """engine.TokenGuide over one llguidance matcher (one per request)."""
 
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
-        """Shape: [vocab_size] bool; tokens past the tokenizer's vocabulary (padding rows) are never allowed."""
+    def logit_mask(self, vocab_size: int) -> torch.Tensor:
+        """Shape: [vocab_size] float32, 0 / -inf; tokens past the tokenizer's vocabulary (padding rows) are never
+        allowed. One table lookup per byte of the bitmask (~30 us for 49k tokens; unpacking bits was ~45)."""
         try:
             raw = self.matcher.compute_bitmask()
         except BaseException as exc:  # noqa: BLE001 - see _engine_error
             raise _engine_error(exc) from None
-        words = torch.frombuffer(bytearray(raw), dtype=torch.int32)  # [ceil(V' / 32)]
-        bits = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(-1)  # [32 * words]
-        if bits.numel() >= vocab_size:
-            return bits[:vocab_size]
-        return torch.cat([bits, bits.new_zeros(vocab_size - bits.numel())])
+        packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # [ceil(V' / 32) * 4]
+        mask = _BYTE_MASKS.index_select(0, packed.int()).view(-1)  # [8 * bytes]
+        if mask.numel() >= vocab_size:
+            return mask[:vocab_size]
+        return torch.cat([mask, mask.new_full((vocab_size - mask.numel(),), float("-inf"))])
 
     def accept(self, token: int) -> None:
         try:

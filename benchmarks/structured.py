@@ -5,14 +5,18 @@
 Sides (interleaved rounds, round 0 warms): the same batch of chat prompts decoded by our engine (default model,
 ``dtype: auto``) free, and under a 6-field JSON schema (every row guided). Speed = generated tokens / wall time;
 the guided rows end when their object closes, the free ones at EOS or max_tokens, so each side counts its own
-tokens. Also: the time to check + compile a 20-field schema and build its first mask (what the first request
-with a new schema pays; later ones hit the caches).
+tokens. Two more sides decode the guided batch on engines that compute the grammar masks during the forward
+(``overlap_masks: true``) and after it (``false``): what the overlap buys on this machine (the default engine
+picks one by its cores). Also: the time to check +
+compile a 20-field schema and build its first mask (what the first request with a new schema pays; later ones
+hit the caches).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -53,7 +57,10 @@ def main() -> None:
 
     model = resolve_model(ModelSettings())
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    engine = LLMEngine(load_model(model.path), model.engine_config(EngineSettings(device="cpu")))
+    config = model.engine_config(EngineSettings(device="cpu"))
+    engine = LLMEngine(load_model(model.path), config)
+    overlap = LLMEngine(load_model(model.path), replace(config, overlap_masks=True))  # masks during the forward
+    serial = LLMEngine(load_model(model.path), replace(config, overlap_masks=False))  # masks after it
 
     def fmt(schema: dict) -> ResponseFormatJsonSchema:
         return ResponseFormatJsonSchema.model_validate({"type": "json_schema",
@@ -63,7 +70,7 @@ def main() -> None:
     start = time.perf_counter()
     wide = structured.grammar_for(fmt(wide_schema(20)))
     checked = time.perf_counter()
-    structured.guide_factory(model.path, model.eos_token_ids, wide)().allowed(engine.vocab_size)
+    structured.guide_factory(model.path, model.eos_token_ids, wide)().logit_mask(engine.vocab_size)
     compiled = time.perf_counter()
     guide = structured.guide_factory(model.path, model.eos_token_ids, structured.grammar_for(fmt(SCHEMA)))
     animals = ["cat", "dog", "parrot", "hamster", "goldfish", "rabbit", "turtle", "canary"]
@@ -72,12 +79,12 @@ def main() -> None:
                                      f"color, indoor, tags). Variant {i}."}],
         add_generation_prompt=True, tokenize=True, return_dict=False) for i in range(args.requests)]
 
-    def side(guided: bool):
+    def side(guided: bool, on: LLMEngine = engine):
         def run(r: int) -> float:
             params = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=1000 * r + i,
                                      guide=guide if guided else None) for i in range(len(prompts))]
             t = time.perf_counter()
-            outs = engine.generate(prompts, params)
+            outs = on.generate(prompts, params)
             if guided:  # every guided row that ended by itself is the schema's JSON (others ran to max_tokens)
                 for o in outs:
                     if len(o) < args.max_tokens:
@@ -85,9 +92,12 @@ def main() -> None:
             return sum(map(len, outs)) / (time.perf_counter() - t)
         return run
 
-    runs = interleave({"json_schema": side(True), "free": side(False)}, args.repeats)
+    runs = interleave({"json_schema": side(True), "free": side(False), "overlap": side(True, overlap),
+                       "serial": side(True, serial)}, args.repeats)
     rows = [versus(f"{args.requests} chats, json_schema vs free", runs["json_schema"], "unconstrained",
-                   runs["free"])]
+                   runs["free"]),
+            versus(f"{args.requests} chats, json_schema: masks during vs after the forward", runs["overlap"],
+                   "masks after", runs["serial"])]
     print_versus(rows, args.repeats)
     timing = {"check_20_field_schema_ms": 1000 * (checked - start),
               "compile_and_first_mask_ms": 1000 * (compiled - checked)}

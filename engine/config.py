@@ -26,6 +26,10 @@ class EngineConfig:
     max_loras: int = 8  # adapter slots resident at once (distinct adapters in one batch)
     max_lora_rank: int = 16  # slots are rank-padded to this; 8 slots x r16 ~ 160 MB for SmolLM2-135M in fp32
     cpu_keep_freed_memory: bool = True  # CPU: glibc keeps freed step buffers for reuse (see cpu_allocator.py)
+    # Grammar masks computed on a thread while the forward runs. None: on CUDA (the forward leaves the CPU idle) or
+    # when torch's intra-op threads leave a core free; on a CPU whose cores all run the forward the thread only
+    # competes with it (2-core Xeon, interleaved A/B: 0.88x-1.08x, noise-bound; benchmarks/structured.py).
+    overlap_masks: bool | None = None
     quantization: str = "none"  # none | int8 | int4: weight-only, every projection + LM head (quantization.py)
     quant_group_size: int = 32  # int4 input features per scale/zero: 32 is llama.cpp's Q4 block (quality first)
     gguf_file: str | None = None  # int4 (group 32): take the projections' Q4_0/Q4_1 blocks from this file as they are

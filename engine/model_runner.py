@@ -1,7 +1,9 @@
 """Turns a scheduled batch into tensors, runs the model, returns sampled tokens."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -11,6 +13,7 @@ from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
 from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, prompt_logprobs, sample
+from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -39,6 +42,12 @@ class ModelRunner:
         self.kv_cache = KVCache(model.num_layers, num_blocks * config.block_size, model.num_kv_heads,
                                 model.head_dim, config.dtype, config.device)
         self._generators: dict[str, torch.Generator] = {}
+        # Grammar masks are computed here while the forward runs (llguidance and torch release the GIL; on a GPU
+        # the forward is asynchronous anyway), so a constrained row waits for its mask only if the mask is slower.
+        overlap = config.overlap_masks
+        if overlap is None:
+            overlap = torch.device(config.device).type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
+        self._masker = ThreadPoolExecutor(1, thread_name_prefix="llmaas-mask") if overlap else None
         self.lora_pool = LoRAPool(config.max_loras, config.max_lora_rank, model.num_layers,
                                   model.projection_shapes(), config.dtype, config.device) if config.max_loras else None
 
@@ -86,6 +95,8 @@ class ModelRunner:
             if start + num == seq.num_tokens:
                 sample_rows.append(row)
                 last_token.append(len(ids) - 1)
+        masks = {batch.seqs[r].request_id: self._mask(batch.seqs[r].guide)
+                 for r in sample_rows if batch.seqs[r].guide is not None}  # each [V] bool, ready by sampling time
         meta = build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
@@ -108,7 +119,7 @@ class ModelRunner:
             for seq in sampled:
                 if check is not None:
                     check("sampling", seq)
-            results = self._sample(logits.clone() if penalized else logits, sampled)
+            results = self._sample(logits.clone() if penalized else logits, sampled, masks)
             return dict(zip(sample_rows, results)), {}
         except Exception:
             pass
@@ -123,12 +134,22 @@ class ModelRunner:
             try:
                 if check is not None:
                     check("sampling", seq)
-                out[row] = self._sample(logits[j:j + 1].clone(), [seq])[0]
+                out[row] = self._sample(logits[j:j + 1].clone(), [seq], masks)[0]
             except Exception as exc:
                 failures[row] = exc
         if len(sampled) > 1 and not out:
             raise next(iter(failures.values()))
         return out, failures
+
+    def _mask(self, guide: TokenGuide) -> Future[torch.Tensor]:
+        if self._masker is not None:
+            return self._masker.submit(guide.logit_mask, self.model.vocab_size)
+        done: Future[torch.Tensor] = Future()
+        try:
+            done.set_result(guide.logit_mask(self.model.vocab_size))
+        except Exception as exc:  # raised where the mask is used: the row's sampling fails, not the step
+            done.set_exception(exc)
+        return done
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
         """Appends the log-probabilities of the prompt tokens this chunk's positions predict (position p's logits
@@ -141,15 +162,19 @@ class ModelRunner:
             seq.prompt_logprobs += prompt_logprobs(logits, seq.prompt_token_ids[lo + 1:hi + 1],
                                                    seq.params.prompt_logprobs or 0)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-        """logits: [R, V] for ``seqs`` -> (token, logprobs if asked) per row."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: dict[str, Future[torch.Tensor]]
+                ) -> list[tuple[int, TokenLogprob | None]]:
+        """logits: [R, V] for ``seqs`` -> (token, logprobs if asked) per row; ``masks``: the guided rows' logit
+        masks, by request id (a failed guide raises here, for its row alone in the row-by-row fallback)."""
         params = [s.params for s in seqs]
         logprobs = compute_logprobs(logits, params)  # before sampling: penalties edit logits in place
         guided = [j for j, seq in enumerate(seqs) if seq.guide is not None]
         if guided:  # tokens the grammar rules out cannot be sampled (logprobs stay raw); one copy to the device
-            allowed = torch.stack([seqs[j].guide.allowed(logits.shape[-1]) for j in guided]).to(logits.device)
-            rows = torch.tensor(guided, device=logits.device)
-            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))  # [G, V]
+            mask = torch.stack([masks[seqs[j].request_id].result() for j in guided]).to(logits.device)  # [G, V]
+            if len(guided) == len(seqs):
+                logits.add_(mask)
+            else:
+                logits.index_add_(0, torch.tensor(guided, device=logits.device), mask)
         tokens = sample(logits, params, [self._generators.get(s.request_id) for s in seqs],
                         [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]).tolist()
         picked = pick_logprobs(logprobs, tokens, params)

@@ -21,14 +21,15 @@ MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's bound on logit_bias entries
 
 
 class TokenGuide(Protocol):
-    """One request's constraint on its next token (grammar-constrained decoding): the engine masks every token
-    ``allowed`` rules out before sampling, then tells the guide which token was chosen."""
+    """One request's constraint on its next token (grammar-constrained decoding): the engine adds ``logit_mask``
+    to the row's logits before sampling, then tells the guide which token was chosen."""
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
-        """Shape: [vocab_size] bool, True for tokens that may come next."""
+    def logit_mask(self, vocab_size: int) -> torch.Tensor:
+        """Shape: [vocab_size] float32: 0 for tokens that may come next, -inf for the rest. Additive, because
+        adding a float row costs ~10x less than masked_fill with a scattered bool mask on CPU (measured)."""
 
     def accept(self, token: int) -> None:
-        """Advances past ``token`` (always one ``allowed`` gave)."""
+        """Advances past ``token`` (always one the mask allowed)."""
 
     def is_finished(self) -> bool:
         """Whether the constrained output is complete (nothing more may follow): the request ends there."""

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmaas.app.names import name_problem
 from llmaas.engine import LORA_TARGET_MODULES
 
-Metric = Literal["loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l"]
+Metric = Literal["loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l", "json_valid",
+                 "field_accuracy", "json_valid_grammar", "field_accuracy_grammar"]
 
 
 class LoRASettings(BaseModel):
@@ -30,6 +31,11 @@ class EvalSettings(BaseModel):
         None, description="Classification labels: accuracy/macro_f1 compare the generated label with the answer.")
     max_new_tokens: int = Field(16, ge=1, le=512, description="Generation budget for generated metrics.")
     max_examples: int = Field(200, ge=1, description="Validation examples used for generated metrics.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Structured output: json_valid counts answers that parse and follow this schema (without "
+                          "one: any JSON object), field_accuracy the reference's top-level fields answered exactly; "
+                          "the *_grammar metrics score answers decoded under the schema's grammar (as "
+                          "response_format json_schema serves them).")
     thresholds: dict[Metric, float] = Field(
         default_factory=dict, description="Promotion gate, e.g. {accuracy: 0.8} (loss/perplexity: at most).")
 
@@ -103,4 +109,7 @@ class FineTuneJob(JobResources):
         wants = {"accuracy", "macro_f1"} & set(self.eval.metrics)
         if wants and not self.eval.labels:
             raise ValueError(f"eval.labels is required for {', '.join(sorted(wants))}")
+        grammar = [m for m in self.eval.metrics if m.endswith("_grammar")]
+        if grammar and self.eval.json_schema is None:
+            raise ValueError(f"eval.json_schema is required for {', '.join(sorted(grammar))}")
         return self

@@ -9,12 +9,16 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from llmaas.app.structured import grammar_for_schema, guide_factory
 from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
 from llmaas.training.data import IGNORE, Example, pad_batch
 
@@ -94,9 +98,39 @@ def mean_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8) 
     return total / max(1, count)
 
 
+def parse_answer(text: str, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The answer as a JSON object that follows ``schema`` (any object without one), or None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    try:
+        jsonschema.validate(value, schema or {})
+    except jsonschema.ValidationError:
+        return None
+    return value
+
+
+def field_accuracy(answers: Sequence[dict[str, Any] | None], refs: Sequence[str]) -> float:
+    """Mean share of each reference object's top-level fields the answer has with exactly the same value."""
+    scores = []
+    for answer, ref in zip(answers, refs):
+        gold = json.loads(ref)
+        scores.append(0.0 if answer is None else sum(answer.get(k) == v for k, v in gold.items()) / max(1, len(gold)))
+    return sum(scores) / max(1, len(scores))
+
+
 def generated_metrics(texts: list[str], refs: list[str], metrics: Sequence[str],
-                      labels: Sequence[str] | None) -> dict[str, float]:
+                      labels: Sequence[str] | None, json_schema: dict[str, Any] | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
+    if "json_valid" in metrics or "field_accuracy" in metrics:
+        answers = [parse_answer(t, json_schema) for t in texts]
+        if "json_valid" in metrics:
+            out["json_valid"] = sum(a is not None for a in answers) / max(1, len(answers))
+        if "field_accuracy" in metrics:
+            out["field_accuracy"] = field_accuracy(answers, refs)
     if labels:
         preds = [to_label(t, labels) for t in texts]
         gold = [to_label(r, labels) or r for r in refs]
@@ -111,8 +145,13 @@ def generated_metrics(texts: list[str], refs: list[str], metrics: Sequence[str],
     return out
 
 
+GENERATED = ("accuracy", "macro_f1", "exact_match", "rouge_l", "json_valid", "field_accuracy")
+GRAMMAR = "_grammar"  # a metric's name with this suffix: the answers decoded under eval.json_schema's grammar
+
+
 def evaluate(base_path: str, adapter_dir: str | None, examples: list[Example], tokenizer, metrics: Sequence[str],
-             labels: Sequence[str] | None, max_new_tokens: int, max_examples: int) -> dict[str, float]:
+             labels: Sequence[str] | None, max_new_tokens: int, max_examples: int,
+             json_schema: dict[str, Any] | None = None) -> dict[str, float]:
     """Scores the base model (adapter_dir=None) or base + adapter on ``examples``."""
     if not examples:
         return {}
@@ -126,7 +165,7 @@ def evaluate(base_path: str, adapter_dir: str | None, examples: list[Example], t
         if adapter_dir is not None:
             model.unload()  # gives the base back without LoRA layers for the engine below
         out["loss"], out["perplexity"] = loss, math.exp(min(loss, 50.0))
-    gen_metrics = [m for m in metrics if m in ("accuracy", "macro_f1", "exact_match", "rouge_l")]
+    gen_metrics = [m for m in metrics if m.removesuffix(GRAMMAR) in GENERATED]
     if gen_metrics:
         subset = examples[:max_examples]
         rank = 1
@@ -140,10 +179,22 @@ def evaluate(base_path: str, adapter_dir: str | None, examples: list[Example], t
         if adapter_dir is not None:
             engine.add_lora("candidate", adapter_dir)
             lora = "candidate"
+        refs = [e.reference for e in subset]
+
+        def answers(params: SamplingParams) -> list[str]:
+            outs = engine.generate([e.prompt_ids for e in subset], params, [lora] * len(subset))
+            return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-        outs = engine.generate([e.prompt_ids for e in subset], params, [lora] * len(subset))
-        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-        out.update(generated_metrics(texts, [e.reference for e in subset], gen_metrics, labels))
+        free = [m for m in gen_metrics if not m.endswith(GRAMMAR)]
+        if free:
+            out.update(generated_metrics(answers(params), refs, free, labels, json_schema))
+        constrained = [m.removesuffix(GRAMMAR) for m in gen_metrics if m.endswith(GRAMMAR)]
+        if constrained:
+            guide = guide_factory(base_path, engine.config.eos_token_ids,
+                                  grammar_for_schema(json_schema or {}, "eval.json_schema"))
+            scores = generated_metrics(answers(replace(params, guide=guide)), refs, constrained, labels, json_schema)
+            out.update({name + GRAMMAR: value for name, value in scores.items()})
     return out
 
 

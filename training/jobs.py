@@ -155,9 +155,9 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
         ev = job.eval
         store.add_event(job_id, "eval", "evaluating base model and adapter on the validation set")
         after = evaluate(base.path, str(ckpt), val, tokenizer, ev.metrics, ev.labels, ev.max_new_tokens,
-                         ev.max_examples)
+                         ev.max_examples, ev.json_schema)
         before = evaluate(base.path, None, val, tokenizer, ev.metrics, ev.labels, ev.max_new_tokens,
-                          ev.max_examples)
+                          ev.max_examples, ev.json_schema)
         ok, failures = passes(after, ev.thresholds)
         metadata = {
             "job_id": job_id, "name": job.name, "base_model": base.served_name, "base_path": base.path,

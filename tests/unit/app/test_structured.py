@@ -58,15 +58,17 @@ def test_json_object_allows_exactly_one_json_object(default_model_dir, default_t
                                                 "response_format": {"type": "json_object"}}).response_format
     g = guide_factory(str(default_model_dir), (2,), grammar_for(fmt))()
     for token in default_tokenizer.encode('{"a":[1,{"b":null}]}'):
-        assert g.allowed(len(default_tokenizer))[token] and not g.is_finished()
+        assert g.logit_mask(len(default_tokenizer))[token] == 0 and not g.is_finished()
         g.accept(token)
     assert g.is_finished()  # nothing may follow the object
 
 
 def test_a_guide_masks_exactly_its_grammar(default_model_dir, default_tokenizer):
     g = guide_factory(str(default_model_dir), (2,), grammar_for(response_format(SCHEMA)))()
-    allowed = g.allowed(len(default_tokenizer) + 7)  # padded embedding rows are never allowed
-    assert allowed.dtype == torch.bool and not allowed[-7:].any()
+    mask = g.logit_mask(len(default_tokenizer) + 7)  # padded embedding rows are never allowed
+    assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, float("-inf")}
+    allowed = mask == 0
+    assert not allowed[-7:].any()
     texts = {default_tokenizer.decode([t]) for t in allowed.nonzero()[:, 0].tolist()}
     assert texts and all(t.startswith("{") for t in texts)
     with pytest.raises(ValueError):

@@ -187,3 +187,47 @@ def test_a_fault_of_the_shared_step_fails_everyone_at_once(setup):
 def test_values_that_would_overflow_the_engine_are_refused_at_construction(field, value):
     with pytest.raises(ValueError):
         SamplingParams(**{field: value})
+
+
+class _FailingGuide:
+    """A grammar whose mask fails on the n-th step (llguidance's Rust panics arrive as exceptions like this)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.steps, self.fail_at = 0, fail_at
+
+    def logit_mask(self, vocab_size: int):
+        import torch
+
+        self.steps += 1
+        if self.steps > self.fail_at:
+            raise RuntimeError("grammar matcher failed: injected")
+        return torch.zeros(vocab_size)
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failing_grammar_mask_fails_only_its_request(setup, overlap):
+    """Masks are computed on a thread during the forward (or after it): either way a guide that fails ends its
+    own request, and its batch-mates' tokens are those of a run without it."""
+    model, _ = setup
+    engine = LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=BLOCKS, block_size=8,
+                                                          max_loras=0, overlap_masks=overlap))
+    mates = {rid: req for rid, req in GOOD.items() if req[2] is None}
+    clean = dict(zip(mates, engine.generate([p for p, _, _ in mates.values()], [s for _, s, _ in mates.values()])))
+    guided = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, guide=lambda: _FailingGuide(3))
+    for rid, (prompt, params, _) in {**mates, "victim": ([3, 1, 4], guided, None)}.items():
+        engine.add_request(rid, prompt, params)
+    got: dict[str, list[int]] = {rid: [] for rid in [*mates, "victim"]}
+    errors = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+            if out.error is not None:
+                errors[out.request_id] = out.error
+    assert set(errors) == {"victim"} and "injected" in str(errors["victim"]) and len(got["victim"]) == 3
+    assert {rid: got[rid] for rid in mates} == clean

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmaas.training.config import FineTuneJob
-from llmaas.training.evaluate import accuracy, generated_metrics, macro_f1, passes, rouge_l, to_label
+from llmaas.training.evaluate import (
+    accuracy,
+    evaluate,
+    generated_metrics,
+    macro_f1,
+    passes,
+    rouge_l,
+    to_label,
+)
 from llmaas.training.recipe import lr_at
 
 
@@ -55,6 +65,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     ({"name": "../x"}, "name"),
     ({"lora": {"r": 0}}, "lora.r"),
     ({"eval": {"metrics": ["accuracy"]}}, "labels"),
+    ({"eval": {"metrics": ["json_valid_grammar"]}}, "json_schema"),
     ({"epochs": 0}, "epochs"),
     ({"train_files": []}, "train_files"),
     ({"unknown": 1}, "unknown"),
@@ -65,3 +76,37 @@ def test_job_validation_errors_name_the_field(fields, where):
     raw = {"name": "ok", "train_files": ["a.jsonl"], **fields}
     with pytest.raises(ValidationError, match=where.replace(".", r"\.")):
         FineTuneJob.model_validate(raw)
+
+
+ORDER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["item", "quantity"],
+                "properties": {"item": {"type": "string", "maxLength": 8},
+                               "quantity": {"type": "integer", "minimum": 1, "maximum": 99}}}
+
+
+def test_json_metrics_count_valid_objects_and_exact_fields():
+    refs = ['{"item":"tent","quantity":2}'] * 4
+    texts = ['{"item": "tent", "quantity": 2}',  # valid, both fields right
+             '{"item":"tent","quantity":3}',  # valid, one field right
+             '{"item":"tent","quantity":"2"}',  # a string quantity breaks the schema: counts as no answer
+             "Sure! Here is your order: tent x2"]
+    m = generated_metrics(texts, refs, ["json_valid", "field_accuracy"], None, ORDER_SCHEMA)
+    assert m == {"json_valid": 0.5, "field_accuracy": pytest.approx((1 + 0.5) / 4)}
+    assert generated_metrics(texts[2:3], refs[:1], ["json_valid"], None) == {"json_valid": 1.0}  # no schema
+
+
+def test_eval_under_the_grammar_always_answers_in_the_schema(tiny_chat_dir):
+    """A random model's free answers are not JSON; decoded under the schema's grammar every one is."""
+    from transformers import AutoTokenizer
+
+    from llmaas.training.data import read_jsonl, tokenize_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    rows, _ = read_jsonl(Path(__file__).resolve().parents[3] / "training/examples/extract/val.jsonl")
+    examples, _ = tokenize_rows(tokenizer, rows[:8], 256, "error")
+    m = evaluate(str(tiny_chat_dir), None, examples, tokenizer, ["json_valid", "json_valid_grammar",
+                                                                 "field_accuracy_grammar"], None, 48, 8,
+                 ORDER_SCHEMA | {"required": ["item", "quantity", "city"],
+                                 "properties": {**ORDER_SCHEMA["properties"], "city": {"type": "string",
+                                                                                       "maxLength": 8}}})
+    assert m["json_valid"] == 0.0 and m["json_valid_grammar"] == 1.0
+    assert 0.0 <= m["field_accuracy_grammar"] < 1.0
