@@ -7,6 +7,8 @@ runs the same class where tokenization should scale apart from the Router.
 """
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.messages import TokenizedPrompt
 from llmaas.app.protocol import ChatMessage, Tool
@@ -43,9 +45,12 @@ class PromptEncoder:
             raise InvalidRequest(f"model {self.served_name!r} has no chat template; use /v1/completions",
                                  param="messages")
         convo, template_tools = render(messages, tools, self.tool_family, instruct_tools)
-        # transformers renders templates in a sandboxed Jinja environment.
-        ids = self.tokenizer.apply_chat_template(convo, tools=template_tools, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+        try:  # transformers renders templates in a sandboxed Jinja environment
+            ids = self.tokenizer.apply_chat_template(convo, tools=template_tools, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+        except TemplateError as exc:  # the template's own rules (e.g. Llama 3.1: one tool call per turn)
+            raise InvalidRequest(f"the model's chat template refuses this conversation: {exc}",
+                                 param="messages") from None
         return TokenizedPrompt(list(ids), check_context(len(ids), max_tokens, self.max_model_len, "messages"))
 
     def encode_prompt(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_serializer, model_validator
 
 from llmaas.engine.sampling_params import (
     MAX_INT64,
@@ -167,6 +167,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls.")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers.")
+    # What an OpenAI response's message carries when a client sends it back as history (model_dump() of the
+    # SDK's object): accepted and not rendered.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = Field(None, description="Deprecated; use tool_calls.")
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
@@ -310,13 +316,23 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaFunction(BaseModel):
+class _OmitNone(BaseModel):
+    """Serialized without its unset (None) fields, as OpenAI streams tool-call deltas: the openai SDK's stream
+    helper copies every key it is given, so a ``"type": null`` in a fragment would overwrite the call's type."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunction(_OmitNone):
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(BaseModel):
-    """A streamed call: its first delta has id, type and the function name; later ones argument fragments."""
+class DeltaToolCall(_OmitNone):
+    """A streamed call: its first delta has id, type and the function name; later ones argument fragments.
+    One delta per call per chunk (older openai SDKs append a second one of the same index as a new call)."""
 
     index: int
     id: str | None = None

@@ -37,11 +37,12 @@ from llmaas.app.protocol import (
     Tool,
     TopLogprob,
     Usage,
+    new_call_id,
     new_id,
 )
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.structured import grammar_for
-from llmaas.app.tools import ToolFamily, ToolPlan, call_stream, collect, plan_tools
+from llmaas.app.tools import ToolFamily, ToolPlan, call_stream, collect, merge_deltas, plan_tools
 from llmaas.engine import SamplingParams, TokenLogprob
 
 
@@ -131,6 +132,7 @@ class OpenAIServing:
         self.prefix_cache_per_tenant = prefix_cache_per_tenant
         self.stream_interval_s = stream_interval_s
         self.tool_family = tool_family  # the served model's tool-call format (app/tools.py)
+        self.special_ids = set(getattr(decoder, "all_special_ids", ()))
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
@@ -340,20 +342,21 @@ class OpenAIServing:
             return None
         out = CompletionLogprobs()
 
-        def add(token_id: int, logprob: float | None, top: dict[str, float] | None) -> None:
+        def add(token_id: int, logprob: float | None, top: dict[str, float] | None, in_prompt: bool = False) -> None:
             nonlocal offset
             s = self._token_str(token_id)
             out.tokens.append(s)
             out.token_logprobs.append(logprob)
             out.top_logprobs.append(top)
             out.text_offset.append(offset)
-            offset += len(s)
+            if not (in_prompt and token_id in self.special_ids):  # a BOS the tokenizer added is not in the text
+                offset += len(s)
 
         if echo is not None:
             if echo.logprobs is not None:
-                add(echo.token_ids[0], None, None)
+                add(echo.token_ids[0], None, None, in_prompt=True)
                 for e in echo.logprobs:
-                    add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top})
+                    add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top}, in_prompt=True)
             offset = len(echo.text)  # the completion's text follows the prompt as the client sent it
         for e in entries:
             add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top})
@@ -364,7 +367,7 @@ class OpenAIServing:
         """Runs a non-streaming request (or answers it from the response cache) and builds its response."""
         key = self.cache.key(tenant, prep.model, req.model_dump())
         if (hit := self.cache.get(key)) is not None:
-            return hit.model_copy(update={"id": new_id(prefix), "created": int(time.time())})
+            return self._fresh_copy(hit, prefix)
         rid = new_id(prefix)
         rows, usage = await self._collect(rid, prep)
         # a worker thread: with logprobs a response holds up to max_choices x max_tokens x 21 entries, whose
@@ -372,6 +375,16 @@ class OpenAIServing:
         response = await asyncio.to_thread(build, rid, rows, usage)
         self.cache.put(key, response)
         return response
+
+    @staticmethod
+    def _fresh_copy(response, prefix: str):
+        """A cached response as a new one: its own id, time and tool-call ids."""
+        update: dict = {"id": new_id(prefix), "created": int(time.time())}
+        if isinstance(response, ChatCompletionResponse) and any(c.message.tool_calls for c in response.choices):
+            update["choices"] = [c.model_copy(update={"message": c.message.model_copy(update={"tool_calls": [
+                t.model_copy(update={"id": new_call_id()}) for t in c.message.tool_calls]})})
+                if c.message.tool_calls else c for c in response.choices]
+        return response.model_copy(update=update)
 
     def _chat_choice(self, prep: Prepared, index: int, text: str, reason: str | None, logprobs: ChoiceLogprobs | None
                      ) -> ChatChoice:
@@ -433,6 +446,7 @@ class OpenAIServing:
                 if ev.finish_reason is not None:
                     rest, more = calls[ev.index].finish()
                     content, deltas = content + rest, deltas + more
+                deltas = merge_deltas(deltas)
                 called.update(ev.index for _ in deltas[:1])
             if not (content or deltas or ev.finish_reason or ev.logprobs):
                 continue  # text held back (it may be a tool call): nothing to send yet

@@ -108,15 +108,15 @@ def guide_tokenizer(path: str, eos_token_ids: tuple[int, ...]) -> llguidance.LLT
     try:
         return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(path), eos_token=list(eos_token_ids))
     except ValueError as exc:  # e.g. a model with only a slow tokenizer
-        raise InvalidRequest(f"response_format is not available for this model: {exc}",
-                             param="response_format") from None
+        raise InvalidRequest(f"grammar-constrained output (response_format, tool_choice) is not available for "
+                             f"this model: {exc}") from None
 
 
 @functools.lru_cache(maxsize=256)
 def _template(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMatcher:
     matcher = llguidance.LLMatcher(tokenizer, grammar)
-    if matcher.is_error():
-        raise InvalidRequest(f"response_format: {matcher.get_error()}", param="response_format")
+    if matcher.is_error():  # response_format's or a tool's schema: the Router checked it, the tokenizer did not
+        raise InvalidRequest(f"the output's grammar cannot be built for this model: {matcher.get_error()}")
     return matcher
 
 

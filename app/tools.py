@@ -70,7 +70,7 @@ def _arguments_value(arguments: str) -> Any:
     """A history call's arguments as templates expect them (a mapping), or the text if it is not JSON."""
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return arguments
 
 
@@ -127,10 +127,38 @@ class ToolPlan:
         return {t.function.name for t in self.tools}
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-            "properties": {"name": {"const": tool.function.name},
-                           "arguments": tool.function.parameters or ANY_JSON_OBJECT}}
+DEFS = ("$defs", "definitions")
+
+
+def _moved_refs(value: Any, prefix: str) -> Any:
+    """``value`` with every local ``$ref`` into its definitions renamed under ``prefix``."""
+    if isinstance(value, dict):
+        out = {k: _moved_refs(v, prefix) for k, v in value.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str):
+            for key in DEFS:
+                if ref.startswith(f"#/{key}/"):
+                    out["$ref"] = f"#/$defs/{prefix}{ref[len(key) + 3:]}"
+        return out
+    if isinstance(value, list):
+        return [_moved_refs(v, prefix) for v in value]
+    return value
+
+
+def _required_schema(tools: Sequence[Tool], parallel: bool) -> dict[str, Any]:
+    """Calls of any of ``tools``: each call's arguments follow its function's schema, whose definitions
+    (``$defs``: pydantic's nested models) move to the root, renamed per tool, so their ``$ref``s still resolve."""
+    calls, defs = [], {}
+    for i, tool in enumerate(tools):
+        params = _moved_refs(tool.function.parameters or ANY_JSON_OBJECT, f"t{i}_")
+        for key in DEFS:
+            defs.update({f"t{i}_{name}": d for name, d in (params.pop(key, None) or {}).items()})
+        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                      "properties": {"name": {"const": tool.function.name}, "arguments": params}})
+    schema: dict[str, Any] = {"anyOf": calls}
+    if parallel:
+        schema = {"type": "array", "minItems": 1, "items": schema}
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
@@ -159,9 +187,7 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
         chosen = tools[names.index(name)]
         schema = chosen.function.parameters or ANY_JSON_OBJECT
         return ToolPlan("named", tools, grammar_for_schema(schema, "tools"), parallel, name)
-    calls = {"anyOf": [_call_schema(t) for t in tools]}
-    schema = {"type": "array", "minItems": 1, "items": calls} if parallel else calls
-    return ToolPlan("required", tools, grammar_for_schema(schema, "tools"), parallel)
+    return ToolPlan("required", tools, grammar_for_schema(_required_schema(tools, parallel), "tools"), parallel)
 
 
 # ----- reading calls back out of the output, as it streams -----
@@ -172,9 +198,9 @@ class CallStream(Protocol):
     def finish(self) -> tuple[str, list[DeltaToolCall]]: ...
 
 
-def _header(index: int, name: str) -> DeltaToolCall:
+def _header(index: int, name: str, arguments: str = "") -> DeltaToolCall:
     return DeltaToolCall(index=index, id=new_call_id(), type="function",
-                         function=DeltaFunction(name=name, arguments=""))
+                         function=DeltaFunction(name=name, arguments=arguments))
 
 
 def _fragment(index: int, arguments: str) -> DeltaToolCall:
@@ -290,26 +316,24 @@ class AutoStream:
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
         held, self.held = self.held, ""
-        calls = parse_calls(held, self.family, self.names) if self.calling else None
-        if not calls:
+        parsed = parse_calls(held, self.family, self.names) if self.calling else None
+        if parsed is None:
             return held, []
+        content, calls = parsed
         if not self.parallel:
             calls = calls[:1]
-        deltas: list[DeltaToolCall] = []
-        for i, (name, arguments) in enumerate(calls):
-            deltas += [_header(i, name), _fragment(i, arguments)]
-        return "", deltas
+        return content, [_header(i, name, arguments) for i, (name, arguments) in enumerate(calls)]
 
 
 def _as_call(obj: Any, names: set[str]) -> tuple[str, str] | None:
     """{"name": ..., "arguments" | "parameters": {...}} of a known tool as (name, arguments JSON)."""
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
@@ -326,27 +350,36 @@ def _json_values(text: str) -> list[Any] | None:
             return values
         try:
             value, i = decoder.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
             return None
         values.append(value)
 
 
-def parse_calls(text: str, family: ToolFamily, names: set[str]) -> list[tuple[str, str]] | None:
-    """The (name, arguments JSON) calls ``text`` makes in the family's format; None if it is not wholly calls."""
-    if family == "llama3":
-        values = _json_values(text.replace("<|python_tag|>", ""))
+TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", flags=re.S)
+
+
+def parse_calls(text: str, family: ToolFamily, names: set[str]) -> tuple[str, list[tuple[str, str]]] | None:
+    """(the text around the calls, the (name, arguments JSON) calls) ``text`` makes in the family's format; None
+    if it holds no call block or one that is not calls of ``names``. An empty list (SmolLM2's "no call needed")
+    is no call."""
+    if family == "llama3":  # the whole answer is the calls
+        values, content = _json_values(text.replace("<|python_tag|>", "")), ""
+        if not values:
+            return None
     else:  # <tool_call>...</tool_call> blocks holding an object (Hermes) or a list of them (SmolLM2)
-        blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text.strip(), flags=re.S)
-        values = []
+        blocks = TAGGED.findall(text)
+        if not blocks:
+            return None
+        values, content = [], TAGGED.sub("", text).strip()
         for block in blocks:
             found = _json_values(block)
             if found is None:
                 return None
             values += [v for value in found for v in (value if isinstance(value, list) else [value])]
-    if not values:
-        return None
     calls = [_as_call(v, names) for v in values]
-    return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
+    if any(c is None for c in calls):
+        return None
+    return content, calls  # type: ignore[return-value]
 
 
 def call_stream(plan: ToolPlan, family: ToolFamily) -> CallStream:
@@ -354,7 +387,21 @@ def call_stream(plan: ToolPlan, family: ToolFamily) -> CallStream:
         return NamedStream(plan.name or "")
     if plan.mode == "required":
         return RequiredStream(plan.parallel)
-    return AutoStream(family, plan.names(), plan.parallel)
+    # Llama 3.x's templates refuse an assistant turn of several calls: one call per answer there
+    return AutoStream(family, plan.names(), plan.parallel and family != "llama3")
+
+
+def merge_deltas(deltas: Sequence[DeltaToolCall]) -> list[DeltaToolCall]:
+    """One delta per call: a call's header and the fragments after it in one chunk, joined."""
+    out: list[DeltaToolCall] = []
+    for d in deltas:
+        if out and out[-1].index == d.index and d.id is None:
+            last = out[-1].function
+            out[-1] = out[-1].model_copy(update={"function": DeltaFunction(
+                name=last.name, arguments=(last.arguments or "") + (d.function.arguments or ""))})
+        else:
+            out.append(d)
+    return out
 
 
 def collect(deltas: Sequence[DeltaToolCall]) -> list[ToolCall]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -17,7 +17,7 @@ from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
-PROMPT_LOGITS_ROWS = 256  # prompt positions scored at once: [256, V] float32 logits are 50 MB for a 49k vocabulary
+PROMPT_LOGITS = 1 << 23  # prompt logits scored at once (32 MB of float32): 170 positions of a 49k vocabulary
 
 
 def num_kv_blocks_for(config: EngineConfig, model: CausalLM) -> int:
@@ -96,21 +96,40 @@ class ModelRunner:
                 sample_rows.append(row)
                 last_token.append(len(ids) - 1)
         masks = {batch.seqs[r].request_id: self._mask(batch.seqs[r].guide)
-                 for r in sample_rows if batch.seqs[r].guide is not None}  # each [V] bool, ready by sampling time
+                 for r in sample_rows if batch.seqs[r].guide is not None}  # each [V] logit mask, by sampling time
         meta = build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
         lora = LoRABatch(segments)
         if self.lora_pool is not None:
             self.lora_pool.prepare(lora, device)
-        hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
-        for seq, start, num, first in zip(seqs, starts, nums, first_token):
+        try:
+            hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
+        except BaseException:
+            wait(masks.values())  # no mask thread may still read a guide when the engine reacts to this
+            raise
+        failed: dict[int, Exception] = {}  # rows whose own prompt logprobs failed (one request's data, e.g. OOM)
+        for row, seq, start, num, first in zip(order, seqs, starts, nums, first_token):
             if seq.params.prompt_logprobs is not None:
-                self._prompt_logprobs(seq, hidden[first:first + num], start)
+                try:
+                    self._prompt_logprobs(seq, hidden[first:first + num], start)
+                except Exception as exc:
+                    failed[row] = exc
             seq.num_computed_tokens += num
+        if failed:
+            kept = [(r, t) for r, t in zip(sample_rows, last_token) if r not in failed]
+            sample_rows, last_token = [r for r, _ in kept], [t for _, t in kept]
         if not sample_rows:
-            return {}, {}
-        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=device)])  # [R, V], shared
+            return {}, failed
+        out, failures = self._sample_rows(batch, hidden[torch.tensor(last_token, device=device)], sample_rows,
+                                          masks, check)
+        return out, {**failures, **failed}
+
+    def _sample_rows(self, batch: ScheduledBatch, last_hidden: torch.Tensor, sample_rows: list[int],
+                     masks: dict[str, Future[torch.Tensor]], check: Callable[[str, Sequence], None] | None
+                     ) -> tuple[dict[int, tuple[int, TokenLogprob | None]], dict[int, Exception]]:
+        """Samples the rows whose pending tokens all ran. last_hidden: [R, hidden], one per sample row."""
+        logits = self.model.compute_logits(last_hidden)  # [R, V], shared
         sampled = [batch.seqs[r] for r in sample_rows]
         # penalties and guides edit logits in place: keep the original for the row-by-row fallback
         penalized = any(s.params.penalized or s.guide is not None for s in sampled)
@@ -156,8 +175,9 @@ class ModelRunner:
         are token p + 1's). hidden: [num, hidden] for positions start .. start + num - 1."""
         first = max(start, len(seq.prompt_logprobs))  # a preempted, recomputed prompt is not counted twice
         end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)
-        for lo in range(first, end, PROMPT_LOGITS_ROWS):
-            hi = min(lo + PROMPT_LOGITS_ROWS, end)
+        rows = max(1, PROMPT_LOGITS // self.model.vocab_size)
+        for lo in range(first, end, rows):
+            hi = min(lo + rows, end)
             logits = self.model.compute_logits(hidden[lo - start:hi - start])  # [hi - lo, V]
             seq.prompt_logprobs += prompt_logprobs(logits, seq.prompt_token_ids[lo + 1:hi + 1],
                                                    seq.params.prompt_logprobs or 0)

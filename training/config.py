@@ -23,6 +23,20 @@ class LoRASettings(BaseModel):
         list(LORA_TARGET_MODULES), min_length=1, description="Projections that get adapters.")
 
 
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """A ValueError unless ``schema`` is a JSON schema that grammar-constrained decoding supports."""
+    import jsonschema
+
+    from llmaas.app.errors import APIError
+    from llmaas.app.structured import grammar_for_schema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+        grammar_for_schema(schema, "eval.json_schema")
+    except (jsonschema.SchemaError, APIError) as exc:
+        raise ValueError(f"eval.json_schema: {getattr(exc, 'message', exc)}") from None
+
+
 class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,4 +126,6 @@ class FineTuneJob(JobResources):
         grammar = [m for m in self.eval.metrics if m.endswith("_grammar")]
         if grammar and self.eval.json_schema is None:
             raise ValueError(f"eval.json_schema is required for {', '.join(sorted(grammar))}")
+        if self.eval.json_schema is not None:  # checked now, not after the training it would be scored on
+            check_json_schema(self.eval.json_schema)
         return self

@@ -117,8 +117,11 @@ def field_accuracy(answers: Sequence[dict[str, Any] | None], refs: Sequence[str]
     """Mean share of each reference object's top-level fields the answer has with exactly the same value."""
     scores = []
     for answer, ref in zip(answers, refs):
-        gold = json.loads(ref)
-        scores.append(0.0 if answer is None else sum(answer.get(k) == v for k, v in gold.items()) / max(1, len(gold)))
+        gold = parse_answer(ref, None)  # a reference that is no JSON object scores 0: nothing to match
+        if answer is None or not gold:
+            scores.append(0.0)
+        else:
+            scores.append(sum(answer.get(k) == v for k, v in gold.items()) / len(gold))
     return sum(scores) / max(1, len(scores))
 
 

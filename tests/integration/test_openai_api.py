@@ -101,7 +101,7 @@ def test_sixteen_concurrent_requests_all_succeed(client):
     ({"model": "base", "messages": []}, 400, "messages"),
     ({"model": "base", "messages": MESSAGES, "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "base", "messages": MESSAGES, "max_tokens": 10**9}, 400, "messages"),
-    ({"model": "base", "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({"model": "base", "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "messages"),
     ({"model": "base", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
     ({"model": "base", "messages": MESSAGES, "n": 1000}, 400, "n"),
     ({"model": "base", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
@@ -334,6 +334,12 @@ def test_a_tool_round_trip_streaming_or_not(client):
     calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
     assert [c[1:] for c in calls] == [(c.function.name, c.function.arguments) for c in message.tool_calls]
     assert finish == "tool_calls"
+    with client.chat.completions.stream(**ask) as stream:  # the SDK's own stream helper puts the deltas together
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.type, c.function.name, c.function.arguments) for c in final] == \
+        [("function", c.function.name, c.function.arguments) for c in message.tool_calls]
+    assert [e.arguments for e in done] == [c.function.arguments for c in message.tool_calls]
 
     result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"temperature": 21}'}
     follow_up = ASK_WEATHER + [message, result]  # the assistant message as the client returned it

@@ -9,11 +9,13 @@ import pytest
 
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.protocol import ChatCompletionRequest
+from llmaas.app.prompts import PromptEncoder
 from llmaas.app.tools import (
     AutoStream,
     NamedStream,
     RequiredStream,
     collect,
+    merge_deltas,
     parse_calls,
     plan_tools,
     render,
@@ -107,23 +109,25 @@ def test_a_template_that_takes_tools_gets_them_and_the_calls_as_mappings(default
     assert "tool:sunny, 21C" in text
 
 
-@pytest.mark.parametrize("family, text, calls", [
+@pytest.mark.parametrize("family, text, parsed", [
     ("smollm2", '<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Rome"}},\n'
                 '{"name": "get_time", "arguments": {"zone": "UTC"}}\n]</tool_call>',
-     [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "UTC"}')]),
+     ("", [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "UTC"}')])),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}\n</tool_call>',
-     [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "CET"}')]),
+               '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}\n</tool_call>\nOne moment.',
+     ("One moment.", [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "CET"}')])),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro', None),  # cut: not a call
+    ("hermes", '<tool_call>{"name": ["get_weather"], "arguments": {}}</tool_call>', None),  # a name must be text
+    ("hermes", "<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>", None),  # past the recursion limit
     ("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}; '
                '{"name": "get_time", "parameters": {"zone": "UTC"}}',
-     [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "UTC"}')]),
+     ("", [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "UTC"}')])),
     ("llama3", '{"name": "rm_rf", "parameters": {}}', None),  # not one of the tools
     ("llama3", "The weather is fine.", None),
-    ("smollm2", "<tool_call>[]</tool_call>", None),  # "no call needed"
+    ("smollm2", "<tool_call>[]</tool_call>", ("", [])),  # "no call needed": no call, and no tags shown
 ])
-def test_each_family_parser_reads_its_calls_and_nothing_else(family, text, calls):
-    assert parse_calls(text, family, {"get_weather", "get_time"}) == calls
+def test_each_family_parser_reads_its_calls_and_nothing_else(family, text, parsed):
+    assert parse_calls(text, family, {"get_weather", "get_time"}) == parsed
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 1000])
@@ -158,6 +162,9 @@ def test_auto_streams_content_then_holds_a_call_to_parse_it(size):
     # text that only looks like the start of a tag, or a call of an unknown tool, is content as written
     for plain in ("a < b and <tool_ is not a tag", '<tool_call>[{"name": "other", "arguments": {}}]</tool_call>'):
         assert feed_in_pieces(AutoStream("smollm2", names, parallel=True), plain, size) == (plain, [])
+    content, deltas = feed_in_pieces(AutoStream("smollm2", names, parallel=True),
+                                     text + " It is sunny there. <tool_call>[]</tool_call>", size)
+    assert content == "Let me check. It is sunny there." and len(collect(deltas)) == 1
     content, deltas = feed_in_pieces(AutoStream("llama3", names, parallel=False),
                                      '{"name": "get_weather", "parameters": {"city": "A"}}; '
                                      '{"name": "get_weather", "parameters": {"city": "B"}}', size)
@@ -184,3 +191,58 @@ def test_required_and_named_grammars_accept_valid_calls_only(default_model_dir, 
         return ok and matcher.is_accepting()
 
     assert accepts(good) and not accepts(bad)
+
+
+def test_stream_deltas_are_one_per_call_per_chunk_without_nulls():
+    """The openai SDK's stream helper copies every key of a delta and (older versions) appends a second delta of
+    one index as a new call: a chunk carries each call once, and a fragment carries no null id/type/name."""
+    _, deltas = NamedStream("get_time").feed('{"zone":')
+    merged = merge_deltas(deltas)
+    assert len(deltas) == 2 and len(merged) == 1
+    assert merged[0].function.name == "get_time" and merged[0].function.arguments == '{"zone":'
+    _, more = NamedStream("get_time").feed("x")
+    assert json.loads(more[1].model_dump_json()) == {"index": 0, "function": {"arguments": "x"}}
+
+
+def test_required_choice_resolves_each_tools_own_definitions(default_model_dir):
+    """pydantic_function_tool-style parameters ($defs + $ref) keep resolving inside the combined schema."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    def tool(name: str, item: str) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "$defs": {"Item": {"type": "object", "properties": {item: {"type": "integer"}}, "required": [item],
+                               "additionalProperties": False}},
+            "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+            "additionalProperties": False}}}
+
+    plan = plan_tools(request(tools=[tool("a", "x"), tool("b", "y")], tool_choice="required",
+                              parallel_tool_calls=False))
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    lltok = llguidance.hf.from_tokenizer(tokenizer)
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(lltok, plan.grammar)
+        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        return ok and matcher.is_accepting()
+
+    assert accepts('{"name":"a","arguments":{"item":{"x":1}}}') and accepts('{"name":"b","arguments":{"item":{"y":2}}}')
+    assert not accepts('{"name":"a","arguments":{"item":{"y":1}}}')  # a's Item, not b's
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    tokenizer.chat_template = "{{ raise_exception('only one tool call per turn') }}"
+    with pytest.raises(InvalidRequest, match="only one tool call per turn") as err:
+        PromptEncoder(tokenizer, "m", 256).encode_chat(request().messages, 4)
+    assert err.value.param == "messages"
+
+
+def test_an_sdk_message_sent_back_as_history_is_accepted():
+    """model_dump() of the openai SDK's ChatCompletionMessage, as some clients append it."""
+    echoed = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "tool_calls": HISTORY[1]["tool_calls"]}
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [HISTORY[0], echoed, HISTORY[2]]})
+    assert req.messages[1].tool_calls[0].function.name == "get_weather"

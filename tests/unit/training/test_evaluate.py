@@ -66,6 +66,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     ({"lora": {"r": 0}}, "lora.r"),
     ({"eval": {"metrics": ["accuracy"]}}, "labels"),
     ({"eval": {"metrics": ["json_valid_grammar"]}}, "json_schema"),
+    ({"eval": {"metrics": ["json_valid"], "json_schema": {"type": "no-such-type"}}}, "json_schema"),
     ({"epochs": 0}, "epochs"),
     ({"train_files": []}, "train_files"),
     ({"unknown": 1}, "unknown"),
