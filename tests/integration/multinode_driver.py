@@ -36,7 +36,7 @@ def main(tiny_chat_dir: str, storage: str, data_file: str) -> None:
     app = Router.bind(Tokenizer.bind(cfg), LLMServer.options(
         num_replicas=2, ray_actor_options={"num_cpus": 1}, placement_group_bundles=[{"CPU": 1}],
         placement_group_strategy="STRICT_SPREAD").bind(cfg), cfg)
-    handle = serve.run(app, name="mn", route_prefix="/")
+    serve.run(app, name="mn", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
 
     from transformers import AutoModelForCausalLM

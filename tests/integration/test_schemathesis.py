@@ -6,7 +6,8 @@ import schemathesis  # a test dependency (pyproject [test]): missing, the suite 
 from hypothesis import HealthCheck, given, settings
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/fine_tuning/jobs",
-          "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
+          "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel",
+          "/v1/fine_tuning/jobs/{job_id}/events",
           "/v1/files/{file_id}", "/v1/adapters", "/v1/adapters/{name}/promote", "/v1/adapters/{model}"]
 
 

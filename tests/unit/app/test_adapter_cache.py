@@ -1,4 +1,5 @@
-"""A replica's adapter cache: pulled from object storage once, checksummed, LRU by bytes; a local root is read in place."""
+"""A replica's adapter cache: pulled from object storage once, checksummed, LRU by bytes; a local root is read
+in place."""
 from __future__ import annotations
 
 import pytest

@@ -8,8 +8,8 @@ import llguidance.hf
 import pytest
 
 from llmaas.app.errors import InvalidRequest
-from llmaas.app.protocol import ChatCompletionRequest
 from llmaas.app.prompts import PromptEncoder
+from llmaas.app.protocol import ChatCompletionRequest
 from llmaas.app.tools import (
     AutoStream,
     NamedStream,

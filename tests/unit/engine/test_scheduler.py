@@ -119,7 +119,7 @@ def test_a_request_waiting_for_a_lora_slot_does_not_hold_up_others():
 
     a = add_lora(0, "a")
     run(s, s.schedule())  # "a" runs and pins the only slot
-    b, base, a2 = add_lora(1, "b"), add_lora(2, None), add_lora(3, "a")
+    b, _, a2 = add_lora(1, "b"), add_lora(2, None), add_lora(3, "a")
     batch = s.schedule()
     assert [q.request_id for q in batch.seqs] == ["0", "2", "3"]  # base and the resident adapter pass "b"
     assert list(s.waiting) == [b]  # "b" keeps its place at the head
