@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.e2e.serve_process import serve_run
 from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,33 +46,9 @@ def make_serve(tmp_path_factory, default_model_dir):  # default_model_dir: what 
     port = free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["storage_root"] = str(tmp / "storage")
-    (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = (tmp / "serve.log").open("w")
-    serve_bin = Path(sys.executable).parent / "serve"
-    proc = subprocess.Popen([str(serve_bin), "run", str(tmp / "serve_config.yaml")], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, f"serve run exited: {(tmp / 'serve.log').read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not up after 600 s: {(tmp / 'serve.log').read_text()[-3000:]}"
-            time.sleep(2)
+    with serve_run(config, tmp, url):
         yield url, tmp
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it: Serve and the Ray it started go down
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:  # its process group only: never a Ray the user runs beside the tests
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:
