@@ -39,6 +39,20 @@ def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "m", "messages": HISTORY, **fields})
 
 
+def grammar_acceptor(model_dir, grammar: str):
+    """text -> whether the grammar accepts it whole, token by token in the default tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lltok = llguidance.hf.from_tokenizer(tokenizer)
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        return ok and matcher.is_accepting()
+    return accepts
+
+
 def feed_in_pieces(stream, text: str, size: int) -> tuple[str, list]:
     content, deltas = "", []
     for i in range(0, len(text), size):
@@ -179,17 +193,9 @@ def test_auto_streams_content_then_holds_a_call_to_parse_it(size):
                        '{"city":"x"}}]', '[]'),
 ])
 def test_required_and_named_grammars_accept_valid_calls_only(default_model_dir, choice, parallel, good, bad):
-    from transformers import AutoTokenizer
 
     plan = plan_tools(request(tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=parallel))
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    lltok = llguidance.hf.from_tokenizer(tokenizer)
-
-    def accepts(text: str) -> bool:
-        matcher = llguidance.LLMatcher(lltok, plan.grammar)
-        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
-        return ok and matcher.is_accepting()
-
+    accepts = grammar_acceptor(default_model_dir, plan.grammar)
     assert accepts(good) and not accepts(bad)
 
 
@@ -206,8 +212,6 @@ def test_stream_deltas_are_one_per_call_per_chunk_without_nulls():
 
 def test_required_choice_resolves_each_tools_own_definitions(default_model_dir):
     """pydantic_function_tool-style parameters ($defs + $ref) keep resolving inside the combined schema."""
-    import llguidance.hf
-    from transformers import AutoTokenizer
 
     def tool(name: str, item: str) -> dict:
         return {"type": "function", "function": {"name": name, "parameters": {
@@ -218,13 +222,7 @@ def test_required_choice_resolves_each_tools_own_definitions(default_model_dir):
 
     plan = plan_tools(request(tools=[tool("a", "x"), tool("b", "y")], tool_choice="required",
                               parallel_tool_calls=False))
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    lltok = llguidance.hf.from_tokenizer(tokenizer)
-
-    def accepts(text: str) -> bool:
-        matcher = llguidance.LLMatcher(lltok, plan.grammar)
-        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
-        return ok and matcher.is_accepting()
+    accepts = grammar_acceptor(default_model_dir, plan.grammar)
 
     assert accepts('{"name":"a","arguments":{"item":{"x":1}}}') and accepts('{"name":"b","arguments":{"item":{"y":2}}}')
     assert not accepts('{"name":"a","arguments":{"item":{"y":1}}}')  # a's Item, not b's
