@@ -42,7 +42,7 @@ from llmaas.app.protocol import (
 )
 from llmaas.app.response_cache import ResponseCache
 from llmaas.app.structured import grammar_for
-from llmaas.app.tools import ToolFamily, ToolPlan, call_stream, collect, merge_deltas, plan_tools
+from llmaas.app.tools import ToolFamily, ToolPlan, call_stream, collect, plan_tools, read_calls
 from llmaas.engine import SamplingParams, TokenLogprob
 
 
@@ -342,24 +342,25 @@ class OpenAIServing:
             return None
         out = CompletionLogprobs()
 
-        def add(token_id: int, logprob: float | None, top: dict[str, float] | None, in_prompt: bool = False) -> None:
+        def add(token_id: int, entry: TokenLogprob | None, in_prompt: bool = False) -> None:
+            """One token; ``entry`` None: the prompt's first token, which has no logprob."""
             nonlocal offset
             s = self._token_str(token_id)
             out.tokens.append(s)
-            out.token_logprobs.append(logprob)
-            out.top_logprobs.append(top)
+            out.token_logprobs.append(None if entry is None else entry.logprob)
+            out.top_logprobs.append(None if entry is None else {self._token_str(t): lp for t, lp in entry.top})
             out.text_offset.append(offset)
             if not (in_prompt and token_id in self.special_ids):  # a BOS the tokenizer added is not in the text
                 offset += len(s)
 
         if echo is not None:
             if echo.logprobs is not None:
-                add(echo.token_ids[0], None, None, in_prompt=True)
+                add(echo.token_ids[0], None, in_prompt=True)
                 for e in echo.logprobs:
-                    add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top}, in_prompt=True)
+                    add(e.token_id, e, in_prompt=True)
             offset = len(echo.text)  # the completion's text follows the prompt as the client sent it
         for e in entries:
-            add(e.token_id, e.logprob, {self._token_str(t): lp for t, lp in e.top})
+            add(e.token_id, e)
         return out
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared, tenant: str | None,
@@ -391,11 +392,8 @@ class OpenAIServing:
         if prep.tools is None:
             return ChatChoice(index=index, message=ResponseMessage(content=text), finish_reason=reason,
                               logprobs=logprobs)
-        calls = call_stream(prep.tools, self.tool_family)
-        content, deltas = calls.feed(text)
-        rest, more = calls.finish()
-        made = collect(deltas + more)
-        content += rest
+        content, deltas = read_calls(call_stream(prep.tools, self.tool_family), text, last=True)
+        made = collect(deltas)
         return ChatChoice(index=index, finish_reason=self._finish(reason, bool(made)), logprobs=logprobs,
                           message=ResponseMessage(content=(content or None) if made else content,
                                                   tool_calls=made or None))
@@ -442,11 +440,7 @@ class OpenAIServing:
             completion[ev.index] = ev.completion_tokens
             content, deltas = ev.text, []
             if ev.index in calls:
-                content, deltas = calls[ev.index].feed(ev.text)
-                if ev.finish_reason is not None:
-                    rest, more = calls[ev.index].finish()
-                    content, deltas = content + rest, deltas + more
-                deltas = merge_deltas(deltas)
+                content, deltas = read_calls(calls[ev.index], ev.text, last=ev.finish_reason is not None)
                 called.update(ev.index for _ in deltas[:1])
             if not (content or deltas or ev.finish_reason or ev.logprobs):
                 continue  # text held back (it may be a tool call): nothing to send yet

@@ -391,6 +391,16 @@ def call_stream(plan: ToolPlan, family: ToolFamily) -> CallStream:
     return AutoStream(family, plan.names(), plan.parallel and family != "llama3")
 
 
+def read_calls(stream: CallStream, text: str, last: bool) -> tuple[str, list[DeltaToolCall]]:
+    """Feeds ``text`` (and, on the choice's ``last`` text, finishes): the content and the call deltas to send,
+    one delta per call."""
+    content, deltas = stream.feed(text)
+    if last:
+        rest, more = stream.finish()
+        content, deltas = content + rest, deltas + more
+    return content, merge_deltas(deltas)
+
+
 def merge_deltas(deltas: Sequence[DeltaToolCall]) -> list[DeltaToolCall]:
     """One delta per call: a call's header and the fragments after it in one chunk, joined."""
     out: list[DeltaToolCall] = []
