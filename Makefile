@@ -23,7 +23,7 @@ serve: setup
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,7 +1,8 @@
 """API keys, tenants and the admin role.
 
 Keys come from config (``auth.api_keys``) or a secret file (``auth.api_keys_file``,
-YAML/JSON: a list of {key, tenant, admin}). Only sha256 digests are kept, compared
+YAML/JSON: a list of {key, tenant, admin}), and, once auth is on, from admins at runtime
+(app/access.py; revoked at runtime too). Only sha256 digests are kept, compared
 with ``hmac.compare_digest``. With no keys configured every request is accepted
 (local default; the proxy binds to 127.0.0.1).
 """
@@ -43,6 +44,7 @@ class AuthSettings(BaseModel):
 class Principal:
     tenant: str | None  # None: auth is off, everything is visible
     admin: bool
+    key_id: str | None = None  # a runtime key's id (config keys have none)
 
 
 ANONYMOUS = Principal(tenant=None, admin=True)
@@ -54,11 +56,21 @@ def _digest(secret: str) -> bytes:
 
 class Authenticator:
     def __init__(self, keys: list[APIKey]) -> None:
-        self._keys = [(_digest(k.key), Principal(k.tenant, k.admin)) for k in keys]
+        self._config = [(_digest(k.key), Principal(k.tenant, k.admin)) for k in keys]
+        self._keys = list(self._config)
+        self.runtime_generation = 0  # of the runtime key set last applied
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
+
+    def set_runtime_keys(self, generation: int, keys: list[tuple[str, str, bool, str]]) -> None:
+        """The active runtime keys, (hex digest, tenant, admin, key id) each, replacing the previous set: a key
+        revoked is refused from the next request on."""
+        if generation < self.runtime_generation:
+            return  # a late answer of an older poll
+        self.runtime_generation = generation
+        self._keys = self._config + [(bytes.fromhex(d), Principal(t, a, i)) for d, t, a, i in keys]
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not self._keys:

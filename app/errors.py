@@ -70,13 +70,15 @@ class RateLimited(APIError):
     type = "requests"  # what OpenAI's request-rate 429 says
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, headers: dict[str, str] | None = None,
-                 **kwargs) -> None:
+                 type_: str | None = None, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
         self.headers = headers or {}  # the bucket's x-ratelimit-* headers, when a rate limit said no
+        if type_ is not None:  # 'tokens' (token rate) or 'insufficient_quota' (monthly quota), as OpenAI says
+            self.type = type_
 
     def _extra(self) -> dict[str, Any]:
-        return {"retry_after_s": self.retry_after_s, "headers": self.headers}
+        return {"retry_after_s": self.retry_after_s, "headers": self.headers, "type_": self.type}
 
 
 class ServiceUnavailable(APIError):

@@ -35,3 +35,4 @@ class TokenDelta:
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
     prompt_logprobs: list[TokenLogprob] | None = None  # first delta, echo with logprobs: prompt tokens 1..
+    num_cached_tokens: int = 0  # prompt tokens the model stage's prefix cache served

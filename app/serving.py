@@ -7,10 +7,11 @@ SSE chunk shapes, usage) is plain asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Awaitable, Protocol
 
 from llmaas.app.catalog import ModelCatalog
 from llmaas.app.errors import InvalidRequest
@@ -32,6 +33,7 @@ from llmaas.app.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ResponseMessage,
     TokenLogprobEntry,
     Tool,
@@ -62,6 +64,7 @@ class ChoiceEvent:
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the previous event, if asked
     echo: PromptEcho | None = None  # the choice's first event, when the request echoes its prompt
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +102,34 @@ class Prepared:
     stops: list[str]
     model: str  # what responses report: the adapter version that served, or the requested base name
     tools: ToolPlan | None = None  # chat with tools in play: how calls are read back from each choice
+    tenant: str | None = None  # who is metered for it (None: no key, or a trusted handle caller)
+    reserved_tokens: float = 0  # taken from the tenant's token rate budget at admission, settled when metered
+
+    def most_tokens(self) -> int:
+        """The most this request can use: its prompts (each once) plus every choice's max_tokens."""
+        return sum(prompt_lengths(self.choices).values()) + sum(c.params.max_tokens for c in self.choices)
+
+
+def prompt_lengths(choices: list[PreparedChoice]) -> dict[int, int]:
+    """Each distinct prompt's length (n choices of one prompt share it: it counts once, as OpenAI counts it)."""
+    return {id(c.prompt): len(c.prompt.token_ids) for c in choices}
 
 
 class Observer(Protocol):
     """Receives per-choice timings (the Router feeds Prometheus metrics from it)."""
 
-    def on_choice(self, model: str, ttft_s: float | None, e2e_s: float, prompt_tokens: int,
-                  completion_tokens: int) -> None: ...
+    def on_choice(self, model: str, ttft_s: float | None, e2e_s: float, completion_tokens: int) -> None: ...
+
+
+class Meter(Protocol):
+    """Records each answered request's usage (the Router's is the cluster's usage ledger). ``record`` submits at
+    once (a cancelled caller's record is not lost) and returns what to await for it to be stored."""
+
+    def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0
+               ) -> Awaitable[None]: ...
+
+    def release(self, tenant: str | None, reserved_tokens: float) -> None:
+        """A request that ends unmetered (it failed) gives its token reservation back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +142,36 @@ class RequestLimits:
     max_messages: int = 256
 
 
+class _Tally:
+    """A request's usage as its choices' events come: completion tokens and prefix-cache hits per choice."""
+
+    def __init__(self, choices: list[PreparedChoice]) -> None:
+        self.choices = choices
+        self.completion: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+
+    def add(self, ev: ChoiceEvent) -> None:
+        self.completion[ev.index] = ev.completion_tokens
+        self.cached.setdefault(ev.index, ev.cached_tokens)
+
+    def usage(self) -> Usage:
+        """n choices of one prompt count its tokens once, as OpenAI does; its cached tokens are the fewest any of
+        its choices was served (never more than it counts)."""
+        prompt = prompt_lengths(self.choices)
+        cached: dict[int, int] = {}
+        for c in self.choices:
+            hit = self.cached.get(c.index, 0)
+            cached[id(c.prompt)] = min(cached.get(id(c.prompt), hit), hit)
+        total, done = sum(prompt.values()), sum(self.completion.values())
+        return Usage(prompt_tokens=total, completion_tokens=done, total_tokens=total + done,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
+
+
 class OpenAIServing:
     def __init__(self, backend: Backend, decoder: Decoder, catalog: ModelCatalog, limits: RequestLimits,
                  cache: ResponseCache | None = None, observer: Observer | None = None,
                  prefix_cache_per_tenant: bool = False, stream_interval_s: float = 0.0,
-                 tool_family: ToolFamily = "smollm2") -> None:
+                 tool_family: ToolFamily = "smollm2", meter: Meter | None = None) -> None:
         self.backend = backend
         self.decoder = decoder
         self.catalog = catalog
@@ -133,6 +182,7 @@ class OpenAIServing:
         self.stream_interval_s = stream_interval_s
         self.tool_family = tool_family  # the served model's tool-call format (app/tools.py)
         self.special_ids = set(getattr(decoder, "all_special_ids", ()))
+        self.meter = meter
 
     def models(self, tenant: str | None = None) -> ModelList:
         return ModelList(data=self.catalog.cards(tenant))
@@ -178,7 +228,7 @@ class OpenAIServing:
                                                 tools is None or tools.mode == "auto")
         salt = self._salt(tenant)
         return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt, grammar)
-                         for i in range(req.n)], stops, adapter or req.model, tools)
+                         for i in range(req.n)], stops, adapter or req.model, tools, tenant)
 
     @staticmethod
     def _grammar(req: ChatCompletionRequest) -> tuple[str | None, ToolPlan | None]:
@@ -204,7 +254,7 @@ class OpenAIServing:
             for _ in range(req.n):
                 choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter,
                                               self._salt(tenant), echo=echo, score_only=score_only))
-        return Prepared(choices, stops, adapter or req.model)
+        return Prepared(choices, stops, adapter or req.model, tenant=tenant)
 
     def _salt(self, tenant: str | None) -> str | None:
         return tenant if self.prefix_cache_per_tenant else None
@@ -219,10 +269,11 @@ class OpenAIServing:
         started, first_token = time.perf_counter(), None
         pending: list[TokenLogprob] = []
         echo: PromptEcho | None = None
+        cached = 0
 
         def event(text: str, reason: str | None) -> ChoiceEvent:
             nonlocal echo
-            ev = ChoiceEvent(choice.index, text, reason, num_prompt, completion_tokens, pending, echo)
+            ev = ChoiceEvent(choice.index, text, reason, num_prompt, completion_tokens, pending, echo, cached)
             echo = None  # with the first event only
             return ev
 
@@ -233,6 +284,7 @@ class OpenAIServing:
             async for delta in stream:
                 if first_token is None:
                     first_token = time.perf_counter()
+                    cached = delta.num_cached_tokens
                     if choice.echo is not None:
                         echo = PromptEcho(choice.echo, choice.prompt.token_ids, delta.prompt_logprobs)
                 if choice.score_only:  # the one token generated is not part of the answer
@@ -257,8 +309,7 @@ class OpenAIServing:
             await stream.aclose()  # stops generation early (stop string, client gone)
             if self.observer is not None:
                 self.observer.on_choice(choice.adapter or BASE_ALIAS, None if first_token is None else
-                                        first_token - started, time.perf_counter() - started, num_prompt,
-                                        completion_tokens)
+                                        first_token - started, time.perf_counter() - started, completion_tokens)
 
     async def _run_all(self, request_id: str, choices: list[PreparedChoice], stops: list[str],
                        stream: bool = True) -> AsyncIterator[ChoiceEvent]:
@@ -298,26 +349,47 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    @staticmethod
-    def _usage(choices: list[PreparedChoice], completion: dict[int, int]) -> Usage:
-        """n choices of one prompt count its tokens once, as OpenAI does."""
-        prompt = sum({id(c.prompt): len(c.prompt.token_ids) for c in choices}.values())
-        done = sum(completion.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+    async def _metered(self, prep: Prepared, usage: Usage) -> None:
+        """Records the answer's usage against the version that served it (the base under its served name, however
+        it was asked for)."""
+        if self.meter is not None:
+            model = prep.choices[0].adapter or self.catalog.served_name if prep.choices else prep.model
+            await self.meter.record(prep.tenant, model, usage, prep.reserved_tokens)
+
+    def _unmetered(self, prep: Prepared) -> None:
+        if self.meter is not None:
+            self.meter.release(prep.tenant, prep.reserved_tokens)
+
+    @contextlib.asynccontextmanager
+    async def _metering(self, prep: Prepared) -> AsyncIterator[_Tally]:
+        """A stream's usage is metered when it ends, however it ends: what was generated for a client that left
+        counts, as the model did the work. A stream that failed before its first token costs nothing."""
+        tally, failed = _Tally(prep.choices), False
+        try:
+            yield tally
+        except Exception:
+            failed = True
+            raise
+        finally:  # also on GeneratorExit / cancellation: the client left mid-stream
+            if tally.completion or not failed:
+                await self._metered(prep, tally.usage())
+            else:
+                self._unmetered(prep)
+
 
     async def _collect(self, request_id: str, prep: Prepared) -> tuple[list[ChoiceResult], Usage]:
         """Each choice whole, and usage."""
         results = [ChoiceResult() for _ in prep.choices]
-        completion: dict[int, int] = {}
+        tally = _Tally(prep.choices)
         async for ev in self._run_all(request_id, prep.choices, prep.stops, stream=False):
             result = results[ev.index]
             result.text += ev.text
             result.logprobs += ev.logprobs
             result.echo = result.echo or ev.echo
-            completion[ev.index] = ev.completion_tokens
+            tally.add(ev)
             if ev.finish_reason is not None:
                 result.finish_reason = ev.finish_reason
-        return results, self._usage(prep.choices, completion)
+        return results, tally.usage()
 
     # ----- logprobs in OpenAI's two shapes -----
     def _token_str(self, token_id: int) -> str:
@@ -368,13 +440,19 @@ class OpenAIServing:
         """Runs a non-streaming request (or answers it from the response cache) and builds its response."""
         key = self.cache.key(tenant, prep.model, req.model_dump())
         if (hit := self.cache.get(key)) is not None:
-            return self._fresh_copy(hit, prefix)
-        rid = new_id(prefix)
-        rows, usage = await self._collect(rid, prep)
-        # a worker thread: with logprobs a response holds up to max_choices x max_tokens x 21 entries, whose
-        # detokenizing and model building would stall every other stream on this Router's event loop
-        response = await asyncio.to_thread(build, rid, rows, usage)
-        self.cache.put(key, response)
+            response = self._fresh_copy(hit, prefix)  # billed as the answer says, like any other
+        else:
+            rid = new_id(prefix)
+            try:
+                rows, usage = await self._collect(rid, prep)
+                # a worker thread: with logprobs a response holds up to max_choices x max_tokens x 21 entries,
+                # whose detokenizing and model building would stall every other stream on this Router's loop
+                response = await asyncio.to_thread(build, rid, rows, usage)
+            except BaseException:
+                self._unmetered(prep)
+                raise
+            self.cache.put(key, response)
+        await asyncio.shield(self._metered(prep, response.usage))  # a deadline passing now does not unbill it
         return response
 
     @staticmethod
@@ -403,16 +481,18 @@ class OpenAIServing:
         """OpenAI's finish_reason: 'tool_calls' when the answer (that ended by itself) made calls."""
         return "tool_calls" if called and reason == "stop" else reason
 
-    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
-        prep = await self.prepare_chat(req, tenant)
+    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None,
+                   prepared: Prepared | None = None) -> ChatCompletionResponse:
+        prep = prepared or await self.prepare_chat(req, tenant)
         asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "chatcmpl", lambda rid, rows, usage: ChatCompletionResponse(
             id=rid, model=prep.model, usage=usage,
             choices=[self._chat_choice(prep, i, r.text, r.finish_reason, self._chat_logprobs(r.logprobs, asked))
                      for i, r in enumerate(rows)]))
 
-    async def completion(self, req: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
-        prep = await self.prepare_completion(req, tenant)
+    async def completion(self, req: CompletionRequest, tenant: str | None = None,
+                         prepared: Prepared | None = None) -> CompletionResponse:
+        prep = prepared or await self.prepare_completion(req, tenant)
         asked = req.logprobs_k() is not None
         return await self._respond(req, prep, tenant, "cmpl", lambda rid, rows, usage: CompletionResponse(
             id=rid, model=prep.model, usage=usage,
@@ -432,40 +512,39 @@ class OpenAIServing:
 
         yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
                      for c in prep.choices])
-        completion: dict[int, int] = {}
         asked = req.logprobs_k() is not None
         calls = {c.index: call_stream(prep.tools, self.tool_family) for c in prep.choices} if prep.tools else {}
         called: set[int] = set()
-        async for ev in self._run_all(rid, prep.choices, prep.stops):
-            completion[ev.index] = ev.completion_tokens
-            content, deltas = ev.text, []
-            if ev.index in calls:
-                content, deltas = read_calls(calls[ev.index], ev.text, last=ev.finish_reason is not None)
-                called.update(ev.index for _ in deltas[:1])
-            if not (content or deltas or ev.finish_reason or ev.logprobs):
-                continue  # text held back (it may be a tool call): nothing to send yet
-            yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=content or None,
-                                                                            tool_calls=deltas or None),
-                                         finish_reason=self._finish(ev.finish_reason, ev.index in called),
-                                         logprobs=self._chat_logprobs(ev.logprobs, asked))])
-        if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], self._usage(prep.choices, completion))
+        async with self._metering(prep) as tally:
+            async for ev in self._run_all(rid, prep.choices, prep.stops):
+                tally.add(ev)
+                content, deltas = ev.text, []
+                if ev.index in calls:
+                    content, deltas = read_calls(calls[ev.index], ev.text, last=ev.finish_reason is not None)
+                    called.update(ev.index for _ in deltas[:1])
+                if not (content or deltas or ev.finish_reason or ev.logprobs):
+                    continue  # text held back (it may be a tool call): nothing to send yet
+                yield chunk([ChatChunkChoice(index=ev.index, delta=DeltaMessage(content=content or None,
+                                                                                tool_calls=deltas or None),
+                                             finish_reason=self._finish(ev.finish_reason, ev.index in called),
+                                             logprobs=self._chat_logprobs(ev.logprobs, asked))])
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], tally.usage())
 
     async def completion_stream(self, req: CompletionRequest,
                                 prepared: Prepared | None = None) -> AsyncIterator[CompletionResponse]:
         prep = prepared or await self.prepare_completion(req)
         rid, created = new_id("cmpl"), int(time.time())
-        completion: dict[int, int] = {}
         asked = req.logprobs_k() is not None
         offsets: dict[int, int] = {}
-        async for ev in self._run_all(rid, prep.choices, prep.stops):
-            completion[ev.index] = ev.completion_tokens
-            text = (ev.echo.text if ev.echo else "") + ev.text  # echo: the prompt leads the first chunk
-            yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[
-                CompletionChoice(index=ev.index, text=text, finish_reason=ev.finish_reason,
-                                 logprobs=self._completion_logprobs(ev.logprobs, asked, offsets.get(ev.index, 0),
-                                                                    ev.echo))])
-            offsets[ev.index] = offsets.get(ev.index, 0) + len(text)
-        if req.stream_options and req.stream_options.include_usage:
-            yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[],
-                                     usage=self._usage(prep.choices, completion))
+        async with self._metering(prep) as tally:
+            async for ev in self._run_all(rid, prep.choices, prep.stops):
+                tally.add(ev)
+                text = (ev.echo.text if ev.echo else "") + ev.text  # echo: the prompt leads the first chunk
+                yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[
+                    CompletionChoice(index=ev.index, text=text, finish_reason=ev.finish_reason,
+                                     logprobs=self._completion_logprobs(ev.logprobs, asked, offsets.get(ev.index, 0),
+                                                                        ev.echo))])
+                offsets[ev.index] = offsets.get(ev.index, 0) + len(text)
+            if req.stream_options and req.stream_options.include_usage:
+                yield CompletionResponse(id=rid, created=created, model=prep.model, choices=[], usage=tally.usage())

@@ -1,11 +1,13 @@
 """Serve overhead: the bare engine, the async engine in-process and the HTTP path, same workload, one run.
 
     python -m llmaas.benchmarks.serve_load --concurrency 1 8 --requests 16 --prompt-tokens 128 --max-tokens 64
+    python -m llmaas.benchmarks.serve_load --concurrency 8 --metering-cost   # + the HTTP path with metering off
 
 Three paths, each at every --concurrency level:
 - bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
 - engine in-process: ``AsyncLLMEngine`` (its own engine thread) driven from this process's event loop;
-- serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE).
+- serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE);
+- with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs.
 All stay up for the whole run and take turns: a warm-up round of the measured workload each, then --repeats
 rounds (new prompts each round). Between rounds each in-process path hands back its OpenMP pool, so the
 other's runs unthrottled (see engine/openmp.py). Prints each path's median TTFT, inter-token latency (ITL)
@@ -38,6 +40,7 @@ from llmaas.benchmarks.common import (
 )
 
 SERVE, ENGINE, BARE = "serve (HTTP, SSE)", "engine in-process", "bare engine"
+UNMETERED = "serve, metering off"
 METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
 
 
@@ -153,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--metering-cost", action="store_true",
+                        help="also serve an app with usage_metering off and report metering on / off")
     add_repeats(parser)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -178,6 +183,9 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")
+    if args.metering_cost:  # its own storage root: the same engine config, no usage ledger
+        serve.run(build_app({**app_args, "usage_metering": False, "storage_root": str(
+            config.model.cache_dir / "bench-unmetered")}), name="bench-unmetered", route_prefix="/unmetered")
     url = f"http://127.0.0.1:{args.port}"
     torch.set_num_threads(args.torch_threads)
 
@@ -209,10 +217,12 @@ def main() -> None:
     runs: dict[int, dict[str, list[dict]]] = {}
     try:
         for c in args.concurrency:
-            runs[c] = interleave({
-                BARE: side(lambda *a: run_bare(bare, *a), c, openmp.release_pool),
-                ENGINE: side(lambda *a: run_engine(engine, *a), c, engine_pool_back),
-                SERVE: side(lambda *a: run_http(url, "base", *a), c, lambda: None)}, args.repeats)
+            paths = {BARE: side(lambda *a: run_bare(bare, *a), c, openmp.release_pool),
+                     ENGINE: side(lambda *a: run_engine(engine, *a), c, engine_pool_back),
+                     SERVE: side(lambda *a: run_http(url, "base", *a), c, lambda: None)}
+            if args.metering_cost:
+                paths[UNMETERED] = side(lambda *a: run_http(f"{url}/unmetered", "base", *a), c, lambda: None)
+            runs[c] = interleave(paths, args.repeats)
     finally:
         engine.shutdown()
         loop.close()
@@ -233,6 +243,8 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
                      "serve_over_bare_tok_s": serve_["output_tok_s"] / bare_["output_tok_s"],
                      "serve_over_engine_tok_s": serve_["output_tok_s"] / engine_["output_tok_s"],
                      "serve_minus_engine_ttft_p50_ms": serve_["ttft_p50_ms"] - engine_["ttft_p50_ms"]}
+        if UNMETERED in level:
+            ratios[c]["metering_on_over_off_tok_s"] = serve_["output_tok_s"] / level[UNMETERED]["output_tok_s"]
     errors = collections.Counter(e for paths in runs.values() for rounds in paths.values() for r in rounds
                                  for e in r["errors"])
     print_table(rows, ["concurrency", "path", "requests", "failed", "output_tok_s", "tok_s_range", "ttft_p50_ms",
@@ -242,12 +254,15 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
         print(f"concurrency {c}: in-process / bare {ratio['engine_over_bare_tok_s']:.3f}  "
               f"serve / bare {ratio['serve_over_bare_tok_s']:.3f}  "
               f"serve / in-process {ratio['serve_over_engine_tok_s']:.3f}  "
-              f"TTFT p50 serve - in-process {ratio['serve_minus_engine_ttft_p50_ms']:+.1f} ms")
+              f"TTFT p50 serve - in-process {ratio['serve_minus_engine_ttft_p50_ms']:+.1f} ms" +
+              (f"  metering on / off {ratio['metering_on_over_off_tok_s']:.3f}"
+               if "metering_on_over_off_tok_s" in ratio else ""))
     print("failures:", dict(errors) or "none")
     if not args.no_save:
-        path = save("serve_load", {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
-                                   "errors": dict(errors), "rounds": runs})
-        plot(rows, RESULTS / "serve_load.png")
+        name = "serve_load_metering" if args.metering_cost else "serve_load"
+        path = save(name, {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
+                           "errors": dict(errors), "rounds": runs})
+        plot(rows, RESULTS / f"{name}.png")
         print(f"saved {path}")
 
 

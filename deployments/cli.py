@@ -1,4 +1,4 @@
-"""The `llmaas` command line: prepare (convert the default model), finetune, adapters."""
+"""The `llmaas` command line: prepare (convert the default model), finetune, adapters, keys, usage."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +15,17 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--cache-dir", default=None)
     training_cli.add_parser(sub)
     admin_cli.add_parser(sub)
+    admin_cli.add_keys_parser(sub)
+    admin_cli.add_usage_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "finetune":
         return training_cli.run(args)
     if args.command == "adapters":
         return admin_cli.run(args)
+    if args.command == "usage":
+        return admin_cli.run_usage(args)
+    if args.command == "keys":
+        return admin_cli.run_keys(args)
     if args.command == "prepare":
         # torch and transformers load for this command only (see training.cli.run)
         from llmaas.app.config import ModelSettings

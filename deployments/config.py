@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmaas.app.auth import AuthSettings
 from llmaas.app.config import EngineSettings, ModelSettings
@@ -63,6 +63,9 @@ class AppConfig(BaseModel):
                                "message to the Router (and one SSE event); the first token is never held. 0 sends "
                                "each step's tokens as they come. Non-streaming requests cross in two messages (the "
                                "first token, the rest); requests with stop strings always get each step's tokens.")
+    usage_metering: bool = Field(
+        True, description="Meter every answered request and fine-tuning job per tenant and model version (GET "
+                          "/v1/usage, `llmaas usage`); false: no usage records (and no monthly token quotas).")
     tool_format: ToolFormat = Field(
         "auto", description="How the model writes tool calls under tool_choice auto: smollm2 (<tool_call>[...] "
                             "lists, tools in the system turn), hermes (Qwen2.5 / Hermes <tool_call> tags), llama3 "
@@ -72,6 +75,14 @@ class AppConfig(BaseModel):
     @classmethod
     def _root_as_text(cls, v: object) -> object:
         return str(v) if isinstance(v, Path) else v  # a path or an s3:// / gs:// URI, kept as written
+
+    @model_validator(mode="after")
+    def _quotas_need_metering(self) -> "AppConfig":
+        limits = self.rate_limits
+        if not self.usage_metering and (limits.monthly_tokens or any(t.monthly_tokens for t in
+                                                                      limits.tenant_tokens.values())):
+            raise ValueError("rate_limits monthly_tokens counts metered usage: it needs usage_metering true")
+        return self
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(max_n=self.max_n, max_choices=self.max_choices or self.max_n,

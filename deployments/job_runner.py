@@ -12,19 +12,23 @@ import ray
 
 from llmaas.app.errors import NotFound, RateLimited
 from llmaas.app.registry import BaseModelInfo
+from llmaas.app.usage import training_record
 from llmaas.deployments.registry_service import actor_name, get_registry_service
+from llmaas.deployments.usage_service import get_usage_service
 from llmaas.training.config import FineTuneJob
 from llmaas.training.jobs import cancel_job, run_job
 from llmaas.training.store import TERMINAL, JobRecord, JobStore
 
 
 class RegisterOnSuccess:
-    """Registers a finished job's adapter as a new version; promotes it when its eval passed."""
+    """Registers a finished job's adapter as a new version; promotes it when its eval passed; meters the
+    training (before the job reads 'succeeded', so its usage is there once it does)."""
 
-    def __init__(self, storage_root: str, base: BaseModelInfo, owner: str | None) -> None:
+    def __init__(self, storage_root: str, base: BaseModelInfo, owner: str | None, metering: bool = True) -> None:
         self.storage_root = storage_root
         self.base = base
         self.owner = owner
+        self.metering = metering
 
     def __call__(self, record: JobRecord) -> JobRecord:
         job = FineTuneJob.model_validate(record.job)
@@ -35,6 +39,12 @@ class RegisterOnSuccess:
         store.add_event(record.id, "registered",
                         f"registered {version}" + (" and promoted" if record.eval_passed else
                                                    " as a candidate (eval thresholds missed)"), {"version": version})
+        if self.metering:  # best effort: the adapter is registered; a ledger out of reach must not fail the job
+            try:
+                ray.get(get_usage_service(self.storage_root).record.remote([training_record(
+                    self.owner, version, record.trained_tokens or 0, record.compute_seconds or 0.0)]), timeout=60)
+            except Exception as exc:
+                store.add_event(record.id, "warning", f"training usage not metered: {type(exc).__name__}: {exc}")
         return store.update(record.id, fine_tuned_model=version)
 
 

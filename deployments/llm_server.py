@@ -117,7 +117,7 @@ class LLMServer:
                     return
                 reason = out.finish_reason.value if out.finish_reason else None
                 yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs,
-                                 out.prompt_logprobs)
+                                 out.prompt_logprobs, out.num_cached_tokens)
         except InvalidRequestError as exc:  # the request's own data, also a fault inside a step: 400 (in-band)
             raise InvalidRequest(str(exc), param=exc.param) from None
         except EngineDeadError as exc:

@@ -42,8 +42,9 @@ class PromoteRequest(BaseModel):
 class Management:
     def __init__(self, storage_root: str, base_path: str, base_info: BaseModelInfo, base_names: tuple[str, ...],
                  max_upload_bytes: int, job_resources: JobResources | None = None, max_jobs_per_tenant: int = 2,
-                 files: FileStore | None = None) -> None:
+                 files: FileStore | None = None, metering: bool = True) -> None:
         self.storage_root = storage_root
+        self.metering = metering
         self.base_path = base_path
         self.base_info = base_info
         self.base_names = base_names
@@ -76,7 +77,7 @@ class Management:
         record = JobRecord(id=job_id, job=job.model_dump(mode="json"), owner=owner,
                            api={"model": req.model, "training_file": req.training_file,
                                 "validation_file": req.validation_file, "metadata": req.metadata})
-        on_success = RegisterOnSuccess(self.storage_root, self.base_info, owner)
+        on_success = RegisterOnSuccess(self.storage_root, self.base_info, owner, self.metering)
         await self.runner.submit.remote(record, job, on_success, self.max_jobs_per_tenant)
         return job_object(record)
 

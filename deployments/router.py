@@ -25,24 +25,38 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
+from llmaas.app.access import CreateKeyRequest
 from llmaas.app.auth import ANONYMOUS, Authenticator, Principal, require_admin
 from llmaas.app.catalog import ModelCatalog
 from llmaas.app.deadline import Deadline
-from llmaas.app.errors import APIError, InvalidRequest, PayloadTooLarge, RateLimited, ServiceUnavailable, unwrap
+from llmaas.app.errors import (
+    APIError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    unwrap,
+)
 from llmaas.app.model_source import base_model_info, resolve_model
 from llmaas.app.names import BASE_ALIAS
 from llmaas.app.prompts import PromptEncoder
 from llmaas.app.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from llmaas.app.rate_limit import RateLimiter, budget_headers, retry_after
+from llmaas.app.rate_limit import budget_headers, retry_after
 from llmaas.app.registry import RegistryState
 from llmaas.app.response_cache import ResponseCache
-from llmaas.app.serving import OpenAIServing
+from llmaas.app.serving import OpenAIServing, Prepared
 from llmaas.app.storage import StorageUnavailable
 from llmaas.app.tools import tool_family
+from llmaas.app.usage import check_bucket, parse_group_by, parse_time
+from llmaas.deployments.access_service import AccessClient
 from llmaas.deployments.config import AppConfig
 from llmaas.deployments.handle_backend import HandleBackend
+from llmaas.deployments.long_poll import LongPoll
 from llmaas.deployments.management import Management, PromoteRequest, RegisterAdapterRequest
 from llmaas.deployments.metrics import RouterMetrics
+from llmaas.deployments.usage_service import UsageMeter
 from llmaas.training.api import FineTuningJobObject, FineTuningJobRequest
 from llmaas.training.files import FileObject, FileStore
 
@@ -127,8 +141,15 @@ async def _gate_requests(request: Request, call_next):
         if path in OPEN_PATHS:
             request.state.principal = ANONYMOUS
         else:
-            request.state.principal = gate.auth.authenticate(request.headers.get("authorization"))
-            budget = request.state.budget = gate.limiter.acquire(request.state.principal.tenant)
+            if gate.auth.enabled:
+                await gate.access.ensure_watching()  # runtime keys loaded, revocations applied as they happen
+            try:
+                request.state.principal = gate.auth.authenticate(request.headers.get("authorization"))
+            except APIError as exc:
+                gate.access.refused(path, exc.code or "unauthorized", None, request.client.host if request.client
+                                    else None)
+                raise
+            budget = request.state.budget = await gate.meter.acquire(request.state.principal.tenant)
         length = request.headers.get("content-length")
         limit = gate.body_limit(path)
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -140,9 +161,13 @@ async def _gate_requests(request: Request, call_next):
     budget = getattr(request.state, "budget", budget)  # a route may have charged more (n choices)
     if budget is not None:
         response.headers.update(budget_headers(budget))
+    if (tokens := getattr(request.state, "token_budget", None)) is not None:
+        response.headers.update(budget_headers(tokens, "tokens"))
     if gate.metrics is not None:
         route = request.scope.get("route")
-        gate.metrics.on_request(getattr(route, "path", "unmatched"), response.status_code)
+        who = getattr(request.state, "principal", None)
+        gate.metrics.on_request(getattr(route, "path", "unmatched"), response.status_code,
+                                who.tenant if who is not None else None)
         cache = gate.cache
         if cache is not None and (cache.hits or cache.misses):
             gate.metrics.on_cache(cache.hits, cache.misses)
@@ -228,10 +253,12 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 class _Gate:
     """Per-replica request gate state the middleware reads from ``app.state``."""
 
-    def __init__(self, auth: Authenticator, limiter: RateLimiter, max_body_bytes: int, max_upload_bytes: int,
-                 metrics: RouterMetrics | None = None, cache: ResponseCache | None = None) -> None:
+    def __init__(self, auth: Authenticator, access: AccessClient, meter: UsageMeter, max_body_bytes: int,
+                 max_upload_bytes: int, metrics: RouterMetrics | None = None, cache: ResponseCache | None = None
+                 ) -> None:
         self.auth = auth
-        self.limiter = limiter
+        self.access = access
+        self.meter = meter  # the cluster's usage ledger and rate-limit buckets
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
@@ -264,7 +291,8 @@ class Router:
                                  (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)),
                                  config.finetuning, config.max_jobs_per_tenant,
                                  FileStore(config.storage_root, config.max_files_per_tenant,
-                                           int(config.max_file_mb_per_tenant * (1 << 20))))
+                                           int(config.max_file_mb_per_tenant * (1 << 20))),
+                                 metering=config.usage_metering)
         self.catalog = ModelCatalog(model.served_name, model.max_model_len,
                                     ray.get(self.manage.registry.snapshot.remote()))
         self.metrics = RouterMetrics()
@@ -276,13 +304,18 @@ class Router:
             encoder = PromptEncoder(AutoTokenizer.from_pretrained(model.path), model.served_name,
                                     model.max_model_len, config.tool_format)
         decoder = AutoTokenizer.from_pretrained(model.path)
+        self.meter = UsageMeter(config.storage_root, config.rate_limits, self.metrics, config.usage_metering)
         self.serving = OpenAIServing(HandleBackend(tokenizer, llm, encoder), decoder,
                                      self.catalog, config.request_limits(), cache, self.metrics,
                                      prefix_cache_per_tenant=scope == "tenant",
                                      stream_interval_s=config.stream_interval_ms / 1e3,
-                                     tool_family=tool_family(decoder.chat_template, config.tool_format))
-        self._watcher: asyncio.Task | None = None
-        api.state.gate = _Gate(auth, RateLimiter(config.rate_limits), int(config.max_body_mb * (1 << 20)),
+                                     tool_family=tool_family(decoder.chat_template, config.tool_format),
+                                     meter=self.meter)
+        self._registry_poll = LongPoll("registry", self.manage.registry.snapshot.remote,
+                                       lambda: self.manage.watch(self.catalog.state.generation), self._set_state)
+        self.access = AccessClient(config.storage_root, auth)
+        self.auth_configured = auth.enabled  # runtime keys are made only where config keys turned auth on
+        api.state.gate = _Gate(auth, self.access, self.meter, int(config.max_body_mb * (1 << 20)),
                                self.manage.max_upload_bytes, self.metrics, cache)
         self.timeout_s = config.request_timeout_s
         if not auth.enabled:
@@ -290,37 +323,36 @@ class Router:
                            "127.0.0.1 (serve_config.yaml http_options.host) or configure auth.api_keys_file")
 
     async def _watch(self) -> None:
-        """Keeps the catalog's registry snapshot fresh: a long poll that returns on every change."""
-        if self._watcher is not None and not self._watcher.done():
-            return
-        self._set_state(await self.manage.registry.snapshot.remote())  # catch up before the first request
+        """Keeps the catalog's registry snapshot fresh: a long poll that returns on every change (the first call
+        waits for a snapshot)."""
+        await self._registry_poll.ensure()
 
-        async def loop() -> None:
-            while True:
-                try:
-                    self._set_state(await self.manage.watch(self.catalog.state.generation))
-                except Exception:  # registry actor restarting: try again shortly
-                    logger.exception("registry watch failed")
-                    await asyncio.sleep(0.5)
-
-        self._watcher = asyncio.get_running_loop().create_task(loop())
-
-    def _set_state(self, state: RegistryState) -> None:
+    def _set_state(self, state: RegistryState) -> bool:
         # Generations only grow (the registry actor restamps a restored, older file past what Routers saw), so a
         # late answer of an earlier poll never overwrites a newer state.
         if state.generation >= self.catalog.state.generation:
             self.catalog.state = state
+            return True
+        return False
 
-    def _charge_choices(self, request: Request, who: Principal, choices: int) -> None:
+    async def _charge_choices(self, request: Request, who: Principal, choices: int) -> None:
         """The rate limit counts choices, not requests: the gate spent one, a request of k choices spends k - 1
         more (one above max_choices is refused after this and costs no more than the cap)."""
-        limiter = api.state.gate.limiter
-        capacity = limiter.capacity(who.tenant)
+        capacity = self.meter.limits.limit_for(who.tenant)
         if capacity is None or getattr(request.state, "budget", None) is None:
             return
         extra = min(choices, self.serving.limits.max_choices, capacity) - 1  # never more than a bucket holds
         if extra > 0:
-            request.state.budget = limiter.acquire(who.tenant, cost=extra)
+            request.state.budget = await self.meter.acquire(who.tenant, cost=extra)
+
+    async def _reserve_tokens(self, request: Request, prep: Prepared) -> Prepared:
+        """Checks the tenant's monthly quota and reserves the most the request can use from its token rate (429
+        before any model time); the meter gives back what it did not use."""
+        budget = await self.meter.reserve_tokens(prep.tenant, prep.most_tokens())
+        if budget is not None:
+            request.state.token_budget = budget
+            prep.reserved_tokens = budget.taken  # a request above a whole bucket took the bucket
+        return prep
 
     # ----- HTTP: inference -----
     @api.get("/health")
@@ -340,23 +372,25 @@ class Router:
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: ChatCompletionRequest, http: Request, who: Principal = Depends(principal)):
         deadline = Deadline.start(self.timeout_s)
-        self._charge_choices(http, who, request.n)
+        await self._charge_choices(http, who, request.n)
         await self._watch()
-        if request.stream:  # 4xx before the stream opens; a timeout after it is reported in-band
-            prepared = await deadline.run(self.serving.prepare_chat(request, who.tenant))
+        # 4xx (limits included) before the stream opens; a timeout after it is reported in-band
+        prepared = await self._reserve_tokens(http, await deadline.run(self.serving.prepare_chat(request, who.tenant)))
+        if request.stream:
             return _sse(deadline.stream(self.serving.chat_stream(request, prepared)))
-        return await deadline.run(self.serving.chat(request, who.tenant))
+        return await deadline.run(self.serving.chat(request, who.tenant, prepared))
 
     @api.post("/v1/completions")
     async def http_completions(self, request: CompletionRequest, http: Request,
                                who: Principal = Depends(principal)):
         deadline = Deadline.start(self.timeout_s)
-        self._charge_choices(http, who, len(request.prompts()) * request.n)
+        await self._charge_choices(http, who, len(request.prompts()) * request.n)
         await self._watch()
+        prepared = await self._reserve_tokens(http, await deadline.run(
+            self.serving.prepare_completion(request, who.tenant)))
         if request.stream:
-            prepared = await deadline.run(self.serving.prepare_completion(request, who.tenant))
             return _sse(deadline.stream(self.serving.completion_stream(request, prepared)))
-        return await deadline.run(self.serving.completion(request, who.tenant))
+        return await deadline.run(self.serving.completion(request, who.tenant, prepared))
 
     # ----- HTTP: files -----
     @api.post("/v1/files", response_model=FileObject)
@@ -409,37 +443,97 @@ class Router:
     async def job_checkpoints(self, job_id: str, who: Principal = Depends(principal)):
         return await asyncio.to_thread(self.manage.job_checkpoints, job_id, who.tenant)
 
+    # ----- HTTP: usage -----
+    @api.get("/v1/usage")
+    async def usage(self, start: str | None = None, end: str | None = None, group_by: str | None = None,
+                    bucket_width: str | None = None, tenant: str | None = None,
+                    who: Principal = Depends(principal)):
+        """Metered usage in [start, end) (unix seconds or ISO 8601): a tenant's key sees its own, an admin's
+        everyone's (or one tenant's with ``tenant=``)."""
+        if not self.meter.metering:
+            raise NotFound("usage metering is off on this service (usage_metering: false)", code="metering_off")
+        if tenant is not None and not who.admin and tenant != who.tenant:
+            raise Forbidden("a tenant key sees its own usage only", param="tenant", code="admin_required")
+        mine = tenant if who.admin else who.tenant
+        return await self.meter.service.query.remote(
+            parse_time(start, "start"), parse_time(end, "end"), mine, who.admin and tenant is None,
+            parse_group_by(group_by), check_bucket(bucket_width))
+
     # ----- HTTP: adapter administration (admin keys only) -----
+    def _admin(self, who: Principal, what: str) -> None:
+        """403 for a non-admin key, written to the audit log."""
+        if not who.admin:
+            self.access.refused(what, "admin_required", who.tenant)
+        require_admin(who)
+
     @api.get("/v1/adapters")
     async def list_adapters(self, who: Principal = Depends(principal)):
-        require_admin(who)
+        self._admin(who, "adapters.list")
         await self._watch()
         return self.catalog.state.model_dump()
 
     @api.post("/v1/adapters")
     async def register_adapter(self, request: RegisterAdapterRequest, who: Principal = Depends(principal)):
-        require_admin(who)
+        self._admin(who, "adapter.register")
         version, state = await self.manage.register_adapter(request)
         self._set_state(state)
+        await self.access.admin_action("adapter.register", who, version, {"path": request.path,
+                                                                          "promote": request.promote})
         return {"id": version, "object": "model"}
 
     @api.post("/v1/adapters/{name}/promote")
     async def promote_adapter(self, name: str, request: PromoteRequest, who: Principal = Depends(principal)):
-        require_admin(who)
+        self._admin(who, "adapter.promote")
         self._set_state(await self.manage.promote(name, request))
+        await self.access.admin_action("adapter.promote", who, f"{name}@{request.version}",
+                                       {"canary_share": request.canary_share})
         return self.catalog.state.adapters[name].model_dump()
 
     @api.post("/v1/adapters/{name}/rollback")
     async def rollback_adapter(self, name: str, who: Principal = Depends(principal)):
-        require_admin(who)
+        self._admin(who, "adapter.rollback")
         self._set_state(await self.manage.rollback(name))
+        await self.access.admin_action("adapter.rollback", who, name)
         return self.catalog.state.adapters[name].model_dump()
 
     @api.delete("/v1/adapters/{model}")
     async def delete_adapter(self, model: str, who: Principal = Depends(principal)):
-        require_admin(who)
+        self._admin(who, "adapter.delete")
         self._set_state(await self.manage.delete_version(model))
+        await self.access.admin_action("adapter.delete", who, model)
         return {"id": model, "object": "model", "deleted": True}
+
+    # ----- HTTP: API keys at runtime and the audit log (admin keys only) -----
+    @api.post("/v1/keys")
+    async def create_key(self, request: CreateKeyRequest, who: Principal = Depends(principal)):
+        """A new key; its secret is in this answer only."""
+        self._admin(who, "key.create")
+        if not self.auth_configured:
+            raise InvalidRequest("keys are created at runtime only when auth is on: put an admin key in "
+                                 "auth.api_keys_file first", code="auth_off")
+        record, secret = await self.access.service.create.remote(request, who)
+        return {**record.model_dump(), "key": secret}
+
+    @api.get("/v1/keys")
+    async def list_keys(self, who: Principal = Depends(principal)):
+        self._admin(who, "key.list")
+        records = await self.access.service.list_keys.remote()
+        return {"object": "list", "data": [r.model_dump() for r in records]}
+
+    @api.delete("/v1/keys/{key_id}")
+    async def revoke_key(self, key_id: str, who: Principal = Depends(principal)):
+        self._admin(who, "key.revoke")
+        record = await self.access.service.revoke.remote(key_id, who)
+        return {"id": record.id, "object": "api_key", "deleted": True, "revoked_at": record.revoked_at}
+
+    @api.get("/v1/audit")
+    async def audit(self, start: str | None = None, end: str | None = None, action: str | None = None,
+                    limit: int = Query(100, ge=1, le=1000), who: Principal = Depends(principal)):
+        """Admin actions and refused keys, newest first; ``action`` filters by prefix ('key.', 'adapter.')."""
+        self._admin(who, "audit.read")
+        events = await self.access.service.read_audit.remote(parse_time(start, "start"), parse_time(end, "end"),
+                                                             limit, action)
+        return {"object": "list", "data": [e.model_dump() for e in events]}
 
     # ----- Python handle API: same types and the same request timeout as HTTP -----
     async def chat(self, request: ChatCompletionRequest | dict):

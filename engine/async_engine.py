@@ -36,7 +36,7 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
     logprobs = [lp for o in outputs for lp in o.logprobs] if last.logprobs is not None else None
     prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return StepOutput(last.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
-                      logprobs, prompt)
+                      logprobs, prompt, num_cached_tokens=last.num_cached_tokens)
 
 
 class AsyncLLMEngine:

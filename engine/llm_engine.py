@@ -37,6 +37,7 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first token: prompt tokens 1.., when asked
     error: RequestFailedError | None = None  # the request failed (finish_reason ABORT): raise this to its caller
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -232,7 +233,7 @@ class LLMEngine:
         first = len(seq.output_token_ids) == 1 and p.prompt_logprobs is not None
         return StepOutput(seq.request_id, [token], seq.finish_reason, seq.num_prompt_tokens,
                           len(seq.output_token_ids), None if logprob is None else [logprob],
-                          seq.prompt_logprobs if first else None)
+                          seq.prompt_logprobs if first else None, num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)

@@ -121,7 +121,9 @@ class Scheduler:
                 if needs_load:
                     batch.lora_loads.append((seq.lora_slot, seq.lora))
             self.waiting.popleft()
-            self.block_manager.num_cached_tokens += seq.num_computed_tokens  # reused, counted once admitted
+            if seq.num_cached_tokens is None:  # the first admission's reuse is the request's (usage); a
+                seq.num_cached_tokens = seq.num_computed_tokens  # preempted one re-admitted is not counted again
+                self.block_manager.num_cached_tokens += seq.num_computed_tokens
             self.block_manager.allocate(seq, num)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -41,6 +41,7 @@ class Sequence:
     slot_waits: int = 0  # steps this request waited for a LoRA slot (every slot pinned)
     guide: TokenGuide | None = None  # its grammar's state, when the request is constrained
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
 
     @property
     def num_prompt_tokens(self) -> int:

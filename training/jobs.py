@@ -141,7 +141,9 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
                                                           controller_failure_limit=CONTROLLER_RETRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    fit_started = time.time()
     result = trainer.fit()
+    compute_seconds = (time.time() - fit_started) * plan.num_workers
     if result.error is not None:
         raise JobError(f"training failed: {result.error}")
     if result.checkpoint is None:
@@ -174,7 +176,7 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
                     f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
     # the record names the adapter only once every file is there
     return store.update(job_id, adapter_dir=store.storage.url(key), metrics=after, metrics_before=before,
-                        eval_passed=ok, trained_tokens=state["tokens_seen"])
+                        eval_passed=ok, trained_tokens=state["tokens_seen"], compute_seconds=round(compute_seconds, 3))
 
 
 def _say(store: JobStore, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -34,7 +34,8 @@ class JobRecord(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     metrics_before: dict[str, float] = Field(default_factory=dict)
     eval_passed: bool | None = None
-    trained_tokens: int | None = None
+    trained_tokens: int | None = None  # tokens x epochs
+    compute_seconds: float | None = None  # training wall time x workers (what usage meters)
     owner: str | None = None  # tenant that submitted it
     cancel_requested: bool = False  # set before the job's task is stopped; the task then publishes nothing
     publishing: bool = False  # set once the job starts publishing its adapter; a cancel is then refused

@@ -61,6 +61,12 @@ def test_upload_finetune_and_chat_with_the_new_version(client, training_file, ti
     assert len(plans) == 1 and plans[0].data["num_workers"] == 2  # the default two workers, sharing free CPUs
     assert 0.1 <= plans[0].data["cpus_per_worker"] <= 1.0
     assert job.id in {j.id for j in client.fine_tuning.jobs.list().data}
+    # training is metered to the version it made: tokens x epochs and worker-seconds, once the job reads succeeded
+    usage = httpx.get(str(client.base_url).rstrip("/") + "/usage", params={"group_by": "kind,model"},
+                      timeout=30).json()
+    trained = [row for row in usage["data"] if row["kind"] == "training" and row["model"] == "mood@1"]
+    assert len(trained) == 1 and trained[0]["training_tokens"] == done.trained_tokens > 0
+    assert trained[0]["training_compute_s"] > 0 and trained[0]["requests"] == 0
 
     r = client.chat.completions.create(model=done.fine_tuned_model, messages=REVIEW, max_tokens=6, temperature=0)
     alias = client.chat.completions.create(model="mood", messages=REVIEW, max_tokens=6, temperature=0)

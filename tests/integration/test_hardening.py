@@ -3,24 +3,34 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import shlex
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from ray import serve
 
 from llmaas.deployments.builder import build_app
-from tests.integration.conftest import engine_stats
+from tests.integration.conftest import engine_stats, wait_until
+from tests.integration.test_metrics import metric_total
 
-KEYS = {"alice": "alice-secret-key-0001", "bob": "bobs-secret-key-00002", "admin": "admin-secret-key-0003"}
+KEYS = {"alice": "alice-secret-key-0001", "bob": "bobs-secret-key-00002", "admin": "admin-secret-key-0003",
+        "carol": "carol-secret-key-00004"}  # carol: the usage test's alone (its counts are hers only)
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def auth_url(ray_cluster, app_args, tmp_path_factory):
-    args = {**app_args, "storage_root": str(tmp_path_factory.mktemp("auth-storage")),
+def auth_storage(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("auth-storage"))
+
+
+@pytest.fixture(scope="module")
+def auth_url(ray_cluster, app_args, auth_storage):
+    args = {**app_args, "storage_root": auth_storage,
             "auth": {"api_keys": [{"key": KEYS["alice"], "tenant": "alice"}, {"key": KEYS["bob"], "tenant": "bob"},
+                                  {"key": KEYS["carol"], "tenant": "carol"},
                                   {"key": KEYS["admin"], "tenant": "ops", "admin": True}]}}
     serve.run(build_app(args), name="auth-app", route_prefix="/auth")
     yield f"{ray_cluster}/auth"
@@ -347,3 +357,81 @@ def test_with_keys_the_prefix_cache_is_per_tenant(auth_url):
     assert cached() == start  # bob's identical prompt found none of alice's blocks
     ask("alice", 3)
     assert cached() > start  # alice reuses her own
+
+
+def usage(url: str, who: str, **params) -> dict:
+    r = httpx.get(f"{url}/v1/usage", headers=h(who), params=params, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_usage_is_metered_exactly_per_tenant_and_survives_a_restart(auth_url, auth_storage, metrics_url, capsys,
+                                                                    monkeypatch):
+    import openai
+    import ray
+
+    from llmaas.deployments.cli import main as cli
+    from llmaas.deployments.registry_service import actor_name
+
+    carol = openai.OpenAI(base_url=f"{auth_url}/v1", api_key=KEYS["carol"], max_retries=0, timeout=60)
+    long = [{"role": "user", "content": "please meter every token of this request " * 6}]
+    answers = [carol.chat.completions.create(model="tiny-chat", messages=long, max_tokens=5, n=2, seed=1)]
+    answers.append(carol.chat.completions.create(model="tiny-chat", messages=long, max_tokens=3, temperature=0))
+    stream = carol.chat.completions.create(model="tiny-chat", messages=MSG, max_tokens=4, stream=True,
+                                           stream_options={"include_usage": True})
+    answers.append([c for c in stream][-1])
+    answers.append(carol.completions.create(model="tiny-chat", prompt=["one two", "three"], max_tokens=2))
+    got = [a.usage for a in answers]
+    assert got[1].prompt_tokens_details.cached_tokens >= 32  # the same prompt again: its blocks were cached
+
+    mine = usage(auth_url, "carol")
+    assert [(r["tenant"], r["model"]) for r in mine["data"]] == [("carol", "tiny-chat")]
+    expected = {"requests": 4, "prompt_tokens": sum(u.prompt_tokens for u in got),
+                "completion_tokens": sum(u.completion_tokens for u in got),
+                "cached_tokens": sum(u.prompt_tokens_details.cached_tokens for u in got)}
+    assert {k: mine["total"][k] for k in expected} == expected
+
+    httpx.post(f"{auth_url}/v1/chat/completions", headers=h("bob"), timeout=60,
+               json={"model": "tiny-chat", "messages": MSG, "max_tokens": 1}).raise_for_status()
+    assert {r["tenant"] for r in usage(auth_url, "bob")["data"]} == {"bob"}  # a tenant sees its own only
+    r = httpx.get(f"{auth_url}/v1/usage", headers=h("bob"), params={"tenant": "carol"}, timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    everyone = {row["tenant"] for row in usage(auth_url, "admin", group_by="tenant")["data"]}
+    assert {"bob", "carol"} <= everyone
+    assert usage(auth_url, "admin", tenant="carol")["total"] == mine["total"]
+    r = httpx.get(f"{auth_url}/v1/usage", headers=h("carol"), params={"group_by": "secret"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "group_by"
+
+    # the tenant label on Prometheus counts what the ledger counts
+    assert wait_until(lambda: metric_total(metrics_url, "ray_llmaas_completion_tokens_total", tenant="carol")
+                      == expected["completion_tokens"], 60, every=1.0)
+
+    service = ray.get_actor(actor_name("usage", auth_storage), namespace="llmaas")
+    ray.kill(service, no_restart=False)  # the ledger's actor dies; it comes back from what it stored
+    assert wait_until(lambda: _usage_or_none(auth_url, "carol") == mine, 60, every=0.5)
+
+    # the README's two lines, as written (the server and the key from the environment they name)
+    curl_line, cli_line = readme_usage_lines()
+    url = shlex.split(curl_line)[2].replace("http://127.0.0.1:8000", auth_url)
+    answer = httpx.get(url, headers=h("carol"), timeout=30).json()
+    assert answer["data"] == mine["data"]
+    monkeypatch.setenv("LLMAAS_URL", auth_url)
+    monkeypatch.setenv("LLMAAS_API_KEY", KEYS["carol"])
+    assert cli(shlex.split(cli_line, comments=True)[1:]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["start_time", "tenant", "model", "requests"]  # --bucket 1d: a row per day
+    assert table[1].split()[1:5] == ["carol", "tiny-chat", "4", str(expected["prompt_tokens"])]
+    assert table[-1].split()[:3] == ["total", "4", str(expected["prompt_tokens"])]
+
+
+def readme_usage_lines() -> tuple[str, str]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("**Usage metering.**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    curl_line, cli_line = block.strip().splitlines()
+    assert curl_line.startswith("curl ") and cli_line.startswith("llmaas usage ")
+    return curl_line, cli_line
+
+
+def _usage_or_none(url: str, who: str) -> dict | None:
+    r = httpx.get(f"{url}/v1/usage", headers=h(who), timeout=30)
+    return r.json() if r.status_code == 200 else None

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from llmaas.app.catalog import ModelCatalog
 from llmaas.app.messages import GenerateRequest, TokenDelta, TokenizedPrompt
-from llmaas.app.protocol import CompletionRequest
+from llmaas.app.protocol import CompletionRequest, Usage
 from llmaas.app.serving import OpenAIServing, RequestLimits
+from llmaas.app.usage import UsageLedger, inference_record
 from llmaas.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 
 INTERVAL_S = 0.25
@@ -38,7 +39,26 @@ class EngineBackend:
                                               interval_s=request.stream_interval_s):
             self.messages[request.request_id] = self.messages.get(request.request_id, 0) + 1
             reason = out.finish_reason.value if out.finish_reason else None
-            yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs)
+            yield TokenDelta(out.new_token_ids, reason, out.num_prompt_tokens, out.num_output_tokens, out.logprobs,
+                             num_cached_tokens=out.num_cached_tokens)
+
+
+class LedgerMeter:
+    """The Router's meter minus the Ray actor: records go straight into a real ledger."""
+
+    def __init__(self, ledger: UsageLedger) -> None:
+        self.ledger = ledger
+        self.usages: list[Usage] = []
+        self.released: list[tuple] = []
+
+    def record(self, tenant, model, usage: Usage, reserved_tokens: int = 0):
+        self.usages.append(usage)
+        self.ledger.add([inference_record(tenant, model, usage.prompt_tokens, usage.completion_tokens,
+                                          usage.prompt_tokens_details.cached_tokens)])
+        return asyncio.sleep(0)
+
+    def release(self, tenant, reserved_tokens):
+        self.released.append((tenant, reserved_tokens))
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +69,19 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def serving(tiny_chat_dir, default_tokenizer):
+def serving(tiny_chat_dir, default_tokenizer, tmp_path_factory):
     engine = AsyncLLMEngine(LLMEngine(AutoModelForCausalLM.from_pretrained(tiny_chat_dir),
                                       EngineConfig(max_model_len=256, num_kv_blocks=64, block_size=8)))
     backend = EngineBackend(engine)
+    meter = LedgerMeter(UsageLedger(tmp_path_factory.mktemp("usage")))
     yield OpenAIServing(backend, default_tokenizer, ModelCatalog("tiny", 256), RequestLimits(),
-                        stream_interval_s=INTERVAL_S), backend
+                        stream_interval_s=INTERVAL_S, meter=meter), backend
     engine.shutdown()
 
 
 def request(**extra) -> CompletionRequest:
-    return CompletionRequest(model="tiny", prompt=[1, 2, 3, 4], max_tokens=24, temperature=0, ignore_eos=True,
-                             **extra)
+    return CompletionRequest(**{"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 24, "temperature": 0,
+                                "ignore_eos": True, **extra})
 
 
 def test_a_whole_answer_crosses_in_two_messages_and_a_stream_at_the_interval(serving, loop):
@@ -95,3 +116,52 @@ def test_stop_strings_get_every_steps_tokens(serving, loop):
     assert backend.requests[-1].stream_interval_s == 0.0
     for text in (whole, chunks):
         assert stop not in text and full.startswith(text), (text, stop)
+
+
+def test_every_answer_is_metered_as_its_usage_says_and_a_left_stream_for_what_it_got(serving, loop):
+    api, _ = serving
+    meter = api.meter
+    prompt = list(range(5, 25))  # 20 tokens: two full KV blocks of 8 to reuse
+
+    async def main():
+        first = await api.completion(request(prompt=prompt, max_tokens=4))
+        again = await api.completion(request(prompt=prompt, max_tokens=4, n=2, seed=1, temperature=1.0))
+        chunks = [c async for c in api.completion_stream(request(stream=True, stream_options={"include_usage": True}))]
+        left = api.completion_stream(request(stream=True, max_tokens=200))
+        seen = [await left.__anext__() for _ in range(2)]
+        await left.aclose()  # the client went away after two chunks
+        return first, again, chunks[-1].usage, seen
+
+    before = len(meter.usages)
+    first, again, streamed, seen = loop.run_until_complete(main())
+    metered = meter.usages[before:]
+    assert metered[:3] == [first.usage, again.usage, streamed]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens == 20 and again.usage.prompt_tokens_details.cached_tokens == 16  # 2 blocks
+    assert again.usage.completion_tokens == 8  # n=2 choices: the prompt counts once, completions twice
+    assert len(metered) == 4 and 1 <= metered[3].completion_tokens < 200 and metered[3].prompt_tokens == 4
+    assert metered[3].completion_tokens >= len(seen)
+    totals = meter.ledger.query()["total"]
+    assert totals["requests"] == len(meter.usages)
+    assert totals["completion_tokens"] == sum(u.completion_tokens for u in meter.usages)
+    assert totals["cached_tokens"] == sum(u.prompt_tokens_details.cached_tokens for u in meter.usages)
+
+
+def test_a_request_that_fails_gives_its_token_reservation_back_unmetered(serving, loop):
+    api, _ = serving
+    meter = api.meter
+    bad = request(prompt=[1, 2, 10**6])  # a token id past the vocabulary: the engine refuses it
+
+    async def main():
+        prep = await api.prepare_completion(bad)
+        prep.reserved_tokens = 27  # what the Router's token bucket gave it
+        with pytest.raises(Exception):
+            await api.completion(bad, prepared=prep)
+        stream = await api.prepare_completion(request(prompt=[1, 2, 10**6], stream=True))
+        stream.reserved_tokens = 5
+        with pytest.raises(Exception):
+            [c async for c in api.completion_stream(request(stream=True), stream)]
+
+    before = len(meter.usages)
+    loop.run_until_complete(main())
+    assert meter.released[-2:] == [(None, 27), (None, 5)] and len(meter.usages) == before
