@@ -27,6 +27,7 @@ PREFIX = "usage"
 SEGMENT_RECORDS = 2000  # records per segment before the next one starts (bounds each commit's rewrite)
 GROUPS = ("tenant", "model", "kind")
 BUCKETS = {"1m": 60, "1h": 3600, "1d": 86400}
+MAX_BUCKETS = 10_000  # time buckets one query may ask for (a week of minutes, a year of hours): the answer stays small
 Kind = Literal["inference", "training"]
 GroupKey = Literal["tenant", "model", "kind"]
 
@@ -198,6 +199,13 @@ class UsageLedger:
         lo = -math.inf if start is None else math.floor(start / 60)
         hi = math.inf if end is None else math.ceil(end / 60)
         width = BUCKETS[bucket] // 60 if bucket else None
+        if width is not None:
+            minutes = [m for m, *_ in self._minutes]
+            first = lo if start is not None else min(minutes, default=0)
+            last = hi if end is not None else max(minutes, default=0) + 1
+            if (last - first) / width > MAX_BUCKETS:
+                raise InvalidRequest(f"{bucket} buckets over this range would be more than {MAX_BUCKETS}; give a "
+                                     f"narrower start / end or a wider bucket_width", param="bucket_width")
         rows: dict[tuple, Counts] = defaultdict(Counts)
         total = Counts()
         for (minute, who, model, kind), counts in list(self._minutes.items()):

@@ -94,6 +94,10 @@ def test_queries_filter_by_tenant_and_time_and_group_and_bucket(tmp_path):
     with pytest.raises(InvalidRequest) as e:
         ledger.query(bucket="1w")
     assert e.value.param == "bucket_width"
+    assert len(ledger.query(bucket="1m")["data"]) == 3  # two hours of minutes: fine
+    with pytest.raises(InvalidRequest) as e:  # a year of minutes: far more than one answer should hold
+        ledger.query(start=T0, end=T0 + 365 * 86400, bucket="1m")
+    assert e.value.param == "bucket_width"
 
 
 def test_query_parameters_are_checked():
