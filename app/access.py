@@ -10,7 +10,6 @@ created with the storage's create-only write, so nothing rewrites or loses an ea
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmaas.app.auth import key_digest
 from llmaas.app.documents import VersionedDocument
 from llmaas.app.errors import NotFound
 from llmaas.app.names import NAME_PATTERN
@@ -28,10 +28,6 @@ from llmaas.app.storage import Storage, open_storage
 KEYS_PREFIX = "access-keys"
 AUDIT_PREFIX = "audit"
 SECRET_PREFIX = "sk-llmaas-"
-
-
-def key_digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class CreateKeyRequest(BaseModel):
@@ -89,7 +85,7 @@ class KeyStore:
         """A new key: (its record, the secret, which exists nowhere else)."""
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(id=f"key-{uuid.uuid4().hex[:16]}", tenant=request.tenant, admin=request.admin,
-                           name=request.name, digest=key_digest(secret), redacted="..." + secret[-4:],
+                           name=request.name, digest=key_digest(secret).hex(), redacted="..." + secret[-4:],
                            created_at=int(time.time()), created_by=created_by)
 
         def add(state: KeyState) -> KeyRecord:

@@ -50,13 +50,14 @@ class Principal:
 ANONYMOUS = Principal(tenant=None, admin=True)
 
 
-def _digest(secret: str) -> bytes:
+def key_digest(secret: str) -> bytes:
+    """What is kept of a key: its sha256 (config keys in memory, runtime keys on storage as hex)."""
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 class Authenticator:
     def __init__(self, keys: list[APIKey]) -> None:
-        self._config = [(_digest(k.key), Principal(k.tenant, k.admin)) for k in keys]
+        self._config = [(key_digest(k.key), Principal(k.tenant, k.admin)) for k in keys]
         self._keys = list(self._config)
         self.runtime_generation = 0  # of the runtime key set last applied
 
@@ -77,7 +78,7 @@ class Authenticator:
             return ANONYMOUS
         if not authorization or not authorization.lower().startswith("bearer "):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        presented = _digest(authorization[7:].strip())
+        presented = key_digest(authorization[7:].strip())
         found = None
         for digest, principal in self._keys:  # compare against every key: timing says nothing about which
             if hmac.compare_digest(digest, presented):

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from llmaas.app.access import AuditLog, CreateKeyRequest, KeyStore, key_digest
-from llmaas.app.auth import APIKey, Authenticator
+from llmaas.app.access import AuditLog, CreateKeyRequest, KeyStore
+from llmaas.app.auth import APIKey, Authenticator, key_digest
 from llmaas.app.errors import NotFound, Unauthorized
 
 
@@ -14,7 +14,7 @@ def test_a_key_is_shown_once_stored_as_a_digest_and_revoked_for_good(tmp_path):
     store = KeyStore(tmp_path)
     record, secret = store.create(CreateKeyRequest(tenant="acme", name="ci"), created_by="ops")
     stored = b"".join((tmp_path / k).read_bytes() for k in store.storage.list("access-keys"))
-    assert secret.encode() not in stored and key_digest(secret).encode() in stored
+    assert secret.encode() not in stored and key_digest(secret).hex().encode() in stored
     assert "digest" not in record.model_dump() and record.redacted == "..." + secret[-4:]
     state = store.load()
     assert [k.id for k in state.active()] == [record.id] and state.generation == 1
