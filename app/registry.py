@@ -188,7 +188,7 @@ class Registry:
             files = {f: sha256_file(staging / f) for f in ADAPTER_FILES}
             key = f"{ADAPTERS_PREFIX}/{name}/{uuid.uuid4().hex}"
             try:
-                self.storage.upload_dir(staging, key)
+                self.storage.for_tenant(owner).upload_dir(staging, key)  # under its owner's data key if sealed
             except BaseException:
                 self._discard_unless_named(key)
                 raise
@@ -303,14 +303,15 @@ def sha256_file(path: Path) -> str:
 def fetch_adapter(src: Path | str, dest: Path, base: BaseModelInfo, storage: Storage | None = None) -> None:
     """Copies a PEFT LoRA dir's files (content, never symlinks) from a path or an s3:// / gs:// prefix into
     ``dest``; a local source is checked first, for a clear 400 (missing files, pickle, shapes) before anything is
-    copied. A prefix under ``storage`` (a finished job's output) is read through it, without a new client."""
+    copied. A path or prefix under ``storage`` (a finished job's output) is read through it (no new client;
+    decrypted in memory on an encrypted root)."""
     dest.mkdir(parents=True)
     text = str(src)
-    if is_uri(text):
-        if urlsplit(text).scheme not in OBJECT_SCHEMES:
+    key = relative_key(storage, text) if storage is not None else None
+    if is_uri(text) or key is not None:  # a path under an encrypted root must be read through it, decrypted
+        if is_uri(text) and urlsplit(text).scheme not in OBJECT_SCHEMES:
             raise InvalidRequest(f"adapter path {text!r}: give a local directory or an "
                                  f"{' / '.join(s + '://' for s in OBJECT_SCHEMES)} prefix", param="path")
-        key = relative_key(storage, text) if storage is not None else None
         try:
             remote, key = (storage, key) if key is not None else (open_storage(text), "")
             for f in ADAPTER_FILES:

@@ -2,12 +2,17 @@
 
     python -m llmaas.benchmarks.serve_load --concurrency 1 8 --requests 16 --prompt-tokens 128 --max-tokens 64
     python -m llmaas.benchmarks.serve_load --concurrency 8 --metering-cost   # + the HTTP path with metering off
+    python -m llmaas.benchmarks.serve_load --encryption-cost   # adapter load, encrypted root vs clear root
 
 Three paths, each at every --concurrency level:
 - bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
 - engine in-process: ``AsyncLLMEngine`` (its own engine thread) driven from this process's event loop;
 - serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE);
 - with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs.
+--encryption-cost measures something else instead: what a model replica does to load an adapter version
+(``AdapterCache.source`` + ``engine.add_lora``: read, checksum when sealed, decrypt, parse, cast) for one
+r16 adapter on every projection of the default model, registered on a clear local root and on an encrypted
+one, rounds interleaved; prints ms per load and the ratio; saves serve_load_encryption.json.
 All stay up for the whole run and take turns: a warm-up round of the measured workload each, then --repeats
 rounds (new prompts each round). Between rounds each in-process path hands back its OpenMP pool, so the
 other's runs unthrottled (see engine/openmp.py). Prints each path's median TTFT, inter-token latency (ITL)
@@ -37,6 +42,7 @@ from llmaas.benchmarks.common import (
     span,
     spread,
     stream_chunks,
+    timed,
 )
 
 SERVE, ENGINE, BARE = "serve (HTTP, SSE)", "engine in-process", "bare engine"
@@ -158,9 +164,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--metering-cost", action="store_true",
                         help="also serve an app with usage_metering off and report metering on / off")
+    parser.add_argument("--encryption-cost", action="store_true",
+                        help="instead: adapter load time on an encrypted root vs a clear one")
+    parser.add_argument("--loads", type=int, default=10, help="adapter loads per round (--encryption-cost)")
     add_repeats(parser)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
+    if args.encryption_cost:
+        encryption_cost(args)
+        return
 
     import ray
     import torch
@@ -230,6 +242,56 @@ def main() -> None:
         ray.shutdown()
 
     report(runs, args, model.served_name)
+
+
+def encryption_cost(args) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmaas.app.adapter_cache import AdapterCache
+    from llmaas.app.model_source import base_model_info, load_model, resolve_model
+    from llmaas.app.registry import Registry
+    from llmaas.app.storage import open_storage
+    from llmaas.app.storage.encrypted import MASTER_KEY_ENV, new_master_key
+    from llmaas.deployments.config import AppConfig
+    from llmaas.engine import LLMEngine
+    from tests.models import make_peft_adapter
+
+    torch.set_num_threads(args.torch_threads)
+    config = AppConfig.model_validate({"model": {"source": args.model_source}})
+    model = resolve_model(config.model)
+    engine = LLMEngine(load_model(model.path), model.engine_config(config.engine))
+    os.environ[MASTER_KEY_ENV] = new_master_key()
+    with tempfile.TemporaryDirectory(prefix="llmaas-bench-enc-") as tmp:
+        src = make_peft_adapter(AutoModelForCausalLM.from_pretrained(model.path), Path(tmp) / "a", seed=0, r=16)
+        info = base_model_info(model.path, config.engine.max_lora_rank)
+        sides = {}
+        for name, encrypt in (("clear root", False), ("encrypted root", True)):
+            registry = Registry(open_storage(str(Path(tmp) / name.replace(" ", "-")), encrypt=encrypt))
+            version = registry.version("a", int(registry.register("a", src, info).split("@")[1]))
+            cache = AdapterCache(registry.storage, Path(tmp) / f"cache-{encrypt}", 1 << 30)
+
+            def load(r: int, cache=cache, version=version) -> None:
+                for i in range(args.loads):
+                    source = cache.source(version)
+                    engine.add_lora("a@1", source if isinstance(source, dict) else str(source))
+                    engine.remove_lora("a@1")
+            sides[name] = timed(load, args.loads * 1000.0)  # loads per 1000 s: 1e6 / value = ms per load
+        runs = interleave(sides, args.repeats)
+    ms = {name: [1e6 / v for v in values] for name, values in runs.items()}
+    rows = [{"path": name, "ms_per_load": statistics.median(v), "range": span(v)} for name, v in ms.items()]
+    ratio = rows[1]["ms_per_load"] / rows[0]["ms_per_load"]
+    print_table(rows, ["path", "ms_per_load", "range"])
+    print(f"{args.loads} loads per round, medians of {args.repeats} interleaved rounds after a warm-up round; "
+          f"encrypted / clear load time {ratio:.3f} ({RATIO_NOTE})")
+    if not args.no_save:
+        path = save("serve_load_encryption", {"args": vars(args), "model": model.served_name, "rows": rows,
+                                              "encrypted_over_clear_ms": ratio, "runs_ms": ms})
+        print(f"saved {path}")
 
 
 def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> None:

@@ -1,10 +1,11 @@
-"""The `llmaas` command line: prepare (convert the default model), finetune, adapters, keys, usage."""
+"""The `llmaas` command line: prepare (convert the default model), finetune, adapters, keys, usage,
+encryption."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from llmaas.app import admin_cli
+from llmaas.app import admin_cli, encryption_cli
 from llmaas.training import cli as training_cli
 
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     admin_cli.add_parser(sub)
     admin_cli.add_keys_parser(sub)
     admin_cli.add_usage_parser(sub)
+    encryption_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "finetune":
         return training_cli.run(args)
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         return admin_cli.run(args)
     if args.command == "usage":
         return admin_cli.run_usage(args)
+    if args.command == "encryption":
+        return encryption_cli.run(args)
     if args.command == "keys":
         return admin_cli.run_keys(args)
     if args.command == "prepare":

@@ -10,6 +10,7 @@ from llmaas.app.config import EngineSettings, ModelSettings
 from llmaas.app.protocol import MAX_N
 from llmaas.app.rate_limit import RateLimitSettings
 from llmaas.app.serving import RequestLimits
+from llmaas.app.storage import Storage, open_storage
 from llmaas.app.tools import ToolFormat
 from llmaas.training.config import JobResources
 
@@ -26,6 +27,10 @@ class AppConfig(BaseModel):
         description="Registry, adapters, uploaded files, fine-tuning jobs and their checkpoints: a path (shared "
                     "storage on a multi-node cluster) or an object store URI, s3://bucket/prefix or "
                     "gs://bucket/prefix (credentials from the standard environment or the instance role).")
+    encrypt_at_rest: bool = Field(
+        False, description="Seal everything written under storage_root with AES-256-GCM (a data key per tenant, "
+                           "wrapped by the master key every process reads from LLMAAS_MASTER_KEY_FILE); needs an "
+                           "empty or already encrypted root. A root once encrypted stays so whatever this says.")
     adapter_cache_mb: float = Field(
         4096.0, gt=0, description="Local copies of adapter versions a model replica keeps when storage_root is an "
                                   "object store (LRU by bytes).")
@@ -87,3 +92,8 @@ class AppConfig(BaseModel):
     def request_limits(self) -> RequestLimits:
         return RequestLimits(max_n=self.max_n, max_choices=self.max_choices or self.max_n,
                              max_stop_sequences=self.max_stop_sequences, max_messages=self.max_messages)
+
+    def open_storage(self) -> Storage:
+        """The storage root, marked encrypted first when ``encrypt_at_rest`` asks (every deployment calls this
+        before touching storage, so no process writes a clear object into a root that is to be encrypted)."""
+        return open_storage(self.storage_root, encrypt=self.encrypt_at_rest)

@@ -59,7 +59,7 @@ class LLMServer:
         self.model_path, self.eos_token_ids = model.path, model.eos_token_ids
         engine = LLMEngine(load_model(model.path), model.engine_config(config.engine))
         self.engine = AsyncLLMEngine(engine)
-        self.registry = Registry(config.storage_root)
+        self.registry = Registry(config.open_storage())
         self.adapters = AdapterCache(self.registry.storage, Path(tempfile.mkdtemp(prefix="llmaas-adapters-")),
                                      int(config.adapter_cache_mb * (1 << 20)))
         self.metrics = EngineMetrics()
@@ -87,8 +87,8 @@ class LLMServer:
         if version is None:
             raise InvalidRequest(f"adapter id {version_id!r} must name a version", param="model")
         try:  # a first use on this replica may pull the version from object storage: off the event loop
-            path = await asyncio.to_thread(lambda: self.adapters.path(self.registry.version(name, version)))
-            await self.engine.add_lora(version_id, str(path))
+            source = await asyncio.to_thread(lambda: self.adapters.source(self.registry.version(name, version)))
+            await self.engine.add_lora(version_id, source if isinstance(source, dict) else str(source))
         except StorageUnavailable as exc:  # the bucket, not the request: retry later
             raise ServiceUnavailable(f"adapter {version_id} cannot be fetched: {exc}", code="storage_unavailable") \
                 from None

@@ -284,6 +284,7 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:
+        config.open_storage()  # an encrypted root is marked before anything is written to it
         model = resolve_model(config.model)
         self.llm = llm
         self.manage = Management(config.storage_root, model.path,

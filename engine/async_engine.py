@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 from . import openmp
@@ -79,7 +79,7 @@ class AsyncLLMEngine:
         self._wake.set()
         return await future
 
-    async def add_lora(self, name: str, path: str) -> None:
+    async def add_lora(self, name: str, path: str | Mapping[str, bytes]) -> None:
         """Registers an adapter (idempotent); cancels a pending removal of the same name."""
         def add() -> None:
             self._pending_removals.discard(name)

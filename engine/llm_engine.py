@@ -6,7 +6,7 @@ batch between steps (iteration-level scheduling, Orca, Yu et al., 2022).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -88,12 +88,13 @@ class LLMEngine:
         return self.model.vocab_size
 
     # ----- adapters -----
-    def add_lora(self, name: str, path: str) -> None:
-        """Registers a PEFT LoRA directory under ``name`` (loaded into a slot when a request first uses it)."""
+    def add_lora(self, name: str, path: str | Mapping[str, bytes]) -> None:
+        """Registers a PEFT LoRA directory, or its files' bytes, under ``name`` (loaded into a slot when a request
+        first uses it)."""
         if not self.config.max_loras:
             raise AdapterError("this engine was built with max_loras=0")
         adapter = load_peft_adapter(path, name, self.model.num_layers, self.config.max_lora_rank)
-        check_fits(adapter, self.model.projection_shapes(), path)
+        check_fits(adapter, self.model.projection_shapes(), path if isinstance(path, str) else name)
         self._adapters[name] = AdapterWeights(
             name, adapter.rank, adapter.scale,
             {k: (a.to(self.config.dtype), b.to(self.config.dtype)) for k, (a, b) in adapter.weights.items()})

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
@@ -59,17 +60,26 @@ def check_fits(adapter: AdapterWeights, projection_shapes: dict[str, tuple[int, 
                                f"model ({want_in} -> {want_out}); was it trained on another base model?")
 
 
-def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: int) -> AdapterWeights:
-    """Reads a PEFT LoRA directory: adapter_config.json + adapter_model.safetensors (never pickle)."""
-    path = Path(path)
-    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_file.is_file():
-        raise AdapterError(f"{path}: adapter_config.json is missing (expected a PEFT LoRA directory)")
-    if not weights_file.is_file():
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-            raise AdapterError(f"{path}: only adapter_model.safetensors is loaded; pickle (.bin/.pt) is refused")
-        raise AdapterError(f"{path}: adapter_model.safetensors is missing")
-    cfg = json.loads(cfg_file.read_text())
+def load_peft_adapter(path: str | Path | Mapping[str, bytes], name: str, num_layers: int,
+                      max_rank: int) -> AdapterWeights:
+    """Reads a PEFT LoRA: adapter_config.json + adapter_model.safetensors (never pickle), from a directory or
+    from those files' bytes already in memory (``{"adapter_config.json": b"...", ...}``, e.g. decrypted)."""
+    if isinstance(path, Mapping):
+        files, path = path, name
+        if "adapter_config.json" not in files or "adapter_model.safetensors" not in files:
+            raise AdapterError(f"{path}: adapter_config.json and adapter_model.safetensors are both needed")
+        raw_cfg, raw_weights = files["adapter_config.json"], files["adapter_model.safetensors"]
+    else:
+        path = Path(path)
+        cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not cfg_file.is_file():
+            raise AdapterError(f"{path}: adapter_config.json is missing (expected a PEFT LoRA directory)")
+        if not weights_file.is_file():
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                raise AdapterError(f"{path}: only adapter_model.safetensors is loaded; pickle (.bin/.pt) is refused")
+            raise AdapterError(f"{path}: adapter_model.safetensors is missing")
+        raw_cfg, raw_weights = cfg_file.read_bytes(), weights_file.read_bytes()
+    cfg = json.loads(raw_cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
@@ -87,7 +97,7 @@ def load_peft_adapter(path: str | Path, name: str, num_layers: int, max_rank: in
         raise AdapterError(f"{path}: rank {rank} is outside this engine's 1..max_lora_rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
-    tensors = load_file(str(weights_file))
+    tensors = load_safetensors(raw_weights)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmaas.app.storage import is_uri, open_storage
+from llmaas.app.storage import Storage, is_uri, open_storage, relative_key
 
 IGNORE = -100  # torch cross-entropy's ignore_index
 ROLES = {"system", "developer", "user", "assistant"}
@@ -72,21 +72,25 @@ def read_jsonl(path: str | Path, fmt: str = "auto", on_bad_line: str = "error") 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    return parse_jsonl(path.name, path.read_bytes(), fmt, on_bad_line)
+
+
+def parse_jsonl(name: str, data: bytes, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Row], int]:
+    """``read_jsonl`` of bytes already in memory (a file read from storage, decrypted if sealed)."""
     rows: list[Row] = []
     skipped = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path.name}:{lineno}"
-            if not raw.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{name}:{lineno}"
+        if not raw.strip():
+            continue
+        try:
+            rows.append(_parse_row(json.loads(raw.decode("utf-8")), fmt, where))
+        except (json.JSONDecodeError, UnicodeDecodeError, DataError) as exc:
+            if on_bad_line == "skip":
+                skipped += 1
                 continue
-            try:
-                rows.append(_parse_row(json.loads(raw.decode("utf-8")), fmt, where))
-            except (json.JSONDecodeError, UnicodeDecodeError, DataError) as exc:
-                if on_bad_line == "skip":
-                    skipped += 1
-                    continue
-                msg = str(exc) if isinstance(exc, DataError) else f"{where}: invalid JSON ({exc})"
-                raise DataError(msg) from None
+            msg = str(exc) if isinstance(exc, DataError) else f"{where}: invalid JSON ({exc})"
+            raise DataError(msg) from None
     return rows, skipped
 
 
@@ -163,10 +167,10 @@ def split(examples: list[Example], share: float, seed: int) -> tuple[list[Exampl
     return train, val
 
 
-def files_hash(paths: list[str]) -> str:
+def files_hash(contents: list[bytes]) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
+    for data in contents:
+        h.update(data)
     return h.hexdigest()
 
 
@@ -184,14 +188,15 @@ def pad_batch(batch: dict[str, list[list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def fetch_file(path_or_uri: str, tmp: Path) -> str:
-    """A local path for a data file: a path as it is, an s3:// / gs:// object copied into ``tmp`` first."""
-    if not is_uri(path_or_uri):
-        return path_or_uri
-    parent, _, name = path_or_uri.rpartition("/")
-    local = tmp / f"{len(list(tmp.iterdir()))}-{name}"
+def read_source(path_or_uri: str, storage: Storage) -> tuple[str, bytes]:
+    """``(name, bytes)`` of a training file, in memory: through the job's ``storage`` when it lies under its root
+    (an uploaded file; decrypted if the root is sealed), else from the path or the s3:// / gs:// object."""
     try:
-        local.write_bytes(open_storage(parent).read(name))
-    except FileNotFoundError:
+        if (key := relative_key(storage, path_or_uri)) is not None:
+            return key.rpartition("/")[2], storage.read(key)
+        if is_uri(path_or_uri):
+            parent, _, name = path_or_uri.rpartition("/")
+            return name, open_storage(parent).read(name)
+        return Path(path_or_uri).name, Path(path_or_uri).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path_or_uri}: no such file") from None
-    return str(local)

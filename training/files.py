@@ -73,9 +73,10 @@ class FileStore:
                              filename=Path(filename or "upload.jsonl").name, purpose=purpose, rows=rows, owner=owner)
             with self._owner_locks[owner]:  # one Router replica's parallel uploads cannot pass the quota together
                 self._check_quota(owner, size)
-                self.storage.upload_file(local, self._key(obj.id, ".jsonl"))
+                storage = self.storage.for_tenant(owner)  # the tenant's own data key when the root is encrypted
+                storage.upload_file(local, self._key(obj.id, ".jsonl"))
                 try:
-                    self.storage.write(self._key(obj.id, ".json"), obj.model_dump_json().encode())
+                    storage.write(self._key(obj.id, ".json"), obj.model_dump_json().encode())
                 except BaseException:
                     self.storage.delete(self._key(obj.id, ".jsonl"))
                     raise

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +27,10 @@ from transformers import AutoTokenizer
 
 from llmaas.app.config import ModelSettings
 from llmaas.app.model_source import model_fingerprint, resolve_model
+from llmaas.app.storage import Storage
 from llmaas.training.checkpoint import publish_adapter
 from llmaas.training.config import FineTuneJob
-from llmaas.training.data import DataError, fetch_file, files_hash, read_jsonl, split, tokenize_rows
+from llmaas.training.data import DataError, files_hash, parse_jsonl, read_source, split, tokenize_rows
 from llmaas.training.evaluate import evaluate, passes
 from llmaas.training.recipe import RecipeConfig, train_loop_per_worker
 from llmaas.training.resources import ResourcesUnavailable, WorkerPlan, free_resources, plan_workers, reserve
@@ -48,28 +48,22 @@ class JobError(RuntimeError):
 ERROR_CODES = {DataError: "invalid_training_file", ResourcesUnavailable: "resources_unavailable"}
 
 
-def prepare_data(job: FineTuneJob, tokenizer):
-    """Reads, validates and tokenizes; returns (train, val, skipped, sha256 of the files). Raises DataError before
-    any worker starts."""
-    with tempfile.TemporaryDirectory(prefix="llmaas-data-") as tmp:  # files on object storage are read locally
-        files = [fetch_file(p, Path(tmp)) for p in job.train_files]
-        val_file = fetch_file(job.validation_file, Path(tmp)) if job.validation_file else None
-        local = job.model_copy(update={"train_files": files, "validation_file": val_file})
-        return (*_prepare_local(local, tokenizer), files_hash(files + ([val_file] if val_file else [])))
-
-
-def _prepare_local(job: FineTuneJob, tokenizer):
+def prepare_data(job: FineTuneJob, tokenizer, storage: Storage):
+    """Reads (in memory, through ``storage`` for uploaded files), validates and tokenizes; returns (train, val,
+    skipped, sha256 of the files). Raises DataError before any worker starts."""
+    files = [read_source(p, storage) for p in job.train_files]
+    val_file = read_source(job.validation_file, storage) if job.validation_file else None
     rows, skipped = [], 0
-    for path in job.train_files:
-        r, s = read_jsonl(path, job.format, job.on_bad_line)
+    for name, data in files:
+        r, s = parse_jsonl(name, data, job.format, job.on_bad_line)
         rows += r
         skipped += s
     if not rows:
         raise DataError(f"training data is empty ({', '.join(job.train_files)})")
     examples, s = tokenize_rows(tokenizer, rows, job.max_length, job.on_bad_line)
     skipped += s
-    if job.validation_file:
-        vrows, s = read_jsonl(job.validation_file, job.format, job.on_bad_line)
+    if val_file is not None:
+        vrows, s = parse_jsonl(*val_file, job.format, job.on_bad_line)
         val, s2 = tokenize_rows(tokenizer, vrows, job.max_length, job.on_bad_line)
         skipped += s + s2
         train = examples
@@ -80,7 +74,7 @@ def _prepare_local(job: FineTuneJob, tokenizer):
         raise DataError(f"{len(train)} training rows cannot feed {job.num_workers} workers")
     if len(train) // job.num_workers < job.grad_accum:
         raise DataError(f"{len(train)} training rows are too few for one optimizer step (need ~{need})")
-    return train, val, skipped
+    return train, val, skipped, files_hash([data for _, data in files + ([val_file] if val_file else [])])
 
 
 def run_job(job: FineTuneJob, job_id: str, on_success: OnSuccess | None = None) -> JobRecord:
@@ -117,7 +111,7 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     job = job.model_copy(update={"num_workers": plan.num_workers, "cpus_per_worker": plan.cpus_per_worker})
     store.update(job_id, job=json.loads(job.model_dump_json()))
     _say(store, job_id, "resources", f"{plan.describe()} ({plan.reason})", _plan_data(plan))
-    train, val, skipped, data_sha256 = prepare_data(job, tokenizer)
+    train, val, skipped, data_sha256 = prepare_data(job, tokenizer, store.storage)
     store.add_event(job_id, "data", f"{len(train)} train / {len(val)} validation rows, {skipped} skipped",
                     {"train": len(train), "validation": len(val), "skipped": skipped})
     reserve(plan, job.placement_strategy, job.resource_wait_s,
@@ -127,7 +121,8 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
     rows = ray.put([(e.input_ids, e.labels) for e in train])  # once in the object store; workers deal by rank
     recipe = RecipeConfig(job=job, job_id=job_id, base_path=base.path, pad_id=tokenizer.pad_token_id or 0,
                           steps_per_epoch=steps_per_epoch, train_rows=rows)
-    runs_fs, runs_path = store.storage.arrow_filesystem()
+    tenant = store.storage.for_tenant((store.get(job_id) or JobRecord(id=job_id)).owner)  # its data key if sealed
+    runs_fs, runs_path = tenant.arrow_filesystem()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe},
@@ -171,7 +166,7 @@ def _run(job: FineTuneJob, job_id: str, store: JobStore) -> JobRecord:
             "created_at": int(time.time()),
         }
         key = f"outputs/{job_id}/adapter"
-        publish_adapter(ckpt, store.storage, key, {"metadata.json": json.dumps(metadata, indent=2)})
+        publish_adapter(ckpt, tenant, key, {"metadata.json": json.dumps(metadata, indent=2)})
     store.add_event(job_id, "eval", f"metrics {after} (base: {before}); thresholds "
                     f"{'met' if ok else 'missed: ' + ', '.join(failures)}", {"metrics": after, "before": before})
     # the record names the adapter only once every file is there

@@ -10,11 +10,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from llmaas.app.storage.base import Storage, StorageUnavailable, check_key
+from llmaas.app.storage.encrypted import EncryptedStorage, EncryptionKeyError, enable_encryption, encrypted_view
 from llmaas.app.storage.local import LocalStorage, atomic_write, inside
 from llmaas.app.storage.object_store import BACKENDS, ObjectStorage
 
-__all__ = ["OBJECT_SCHEMES", "LocalStorage", "ObjectStorage", "Storage", "StorageUnavailable", "atomic_write",
-           "check_key", "inside", "is_uri", "open_storage", "relative_key", "storage_id"]
+__all__ = ["OBJECT_SCHEMES", "EncryptedStorage", "EncryptionKeyError", "LocalStorage", "ObjectStorage", "Storage",
+           "StorageUnavailable", "atomic_write", "check_key", "enable_encryption", "inside", "is_uri", "open_storage",
+           "relative_key", "storage_id"]
 
 
 def is_uri(root: str) -> bool:
@@ -52,22 +54,32 @@ def relative_key(storage: Storage, url: str) -> str | None:
     return None
 
 
-def open_storage(root: str | Path | Storage) -> Storage:
-    """The storage for ``root``.
+def open_storage(root: str | Path | Storage, *, encrypt: bool = False) -> Storage:
+    """The storage for ``root``: sealed (``EncryptedStorage``) when the root is marked encrypted, else clear.
 
     Args:
         root: A directory (``/srv/llmaas``, ``file:///srv/llmaas``), an object-store
             URI (``s3://bucket/prefix``; ``gs://bucket/prefix``, untested), or a Storage
             already opened (returned as it is).
+        encrypt: Mark the root encrypted first if it is not (AppConfig ``encrypt_at_rest``); this needs the
+            master key in the environment and an empty or already encrypted root.
 
     Raises:
         ValueError: ``root`` is empty or has a scheme other than file, s3 or gs.
         ImportError: The package for the object store is missing (the message says which to install).
+        EncryptionKeyError: The root is (or is to be) encrypted and this process has no usable master key.
     """
+    if not isinstance(root, (str, Path)):  # already a Storage
+        return root
+    inner = _open_clear(root)
+    if encrypt:
+        enable_encryption(inner)
+    return encrypted_view(inner, storage_id(inner.uri))
+
+
+def _open_clear(root: str | Path) -> Storage:
     if isinstance(root, Path):
         return LocalStorage(root)
-    if not isinstance(root, str):  # already a Storage
-        return root
     text = root.strip()
     if not text:
         raise ValueError("storage root is empty; give a directory or an s3://bucket/prefix URI")

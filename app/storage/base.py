@@ -26,6 +26,7 @@ class Storage(Protocol):
     """
 
     uri: str  # the root: "/abs/path" or "s3://bucket/prefix"
+    encrypted: bool  # objects are sealed (``EncryptedStorage``): read them, never their local_path/url bytes
 
     def read(self, key: str) -> bytes:
         """The object's bytes. Raises FileNotFoundError if there is none."""
@@ -67,6 +68,9 @@ class Storage(Protocol):
 
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """``(filesystem, root path in it)``, for Ray Train's ``RunConfig(storage_filesystem=, storage_path=)``."""
+
+    def for_tenant(self, tenant: str | None) -> Storage:
+        """This storage writing as ``tenant`` (under its own data key when encrypted; itself when clear)."""
 
 
 def check_key(key: str, *, allow_root: bool = False) -> str:

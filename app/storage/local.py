@@ -66,6 +66,8 @@ class LocalStorage:
         root: The directory; it need not exist yet.
     """
 
+    encrypted = False
+
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
         if self.root.exists() and not self.root.is_dir():
@@ -144,3 +146,6 @@ class LocalStorage:
         import pyarrow.fs  # pyarrow comes with ray[train]; kept off the import path of callers that never train
 
         return pyarrow.fs.LocalFileSystem(), str(self.root)
+
+    def for_tenant(self, tenant: str | None) -> LocalStorage:
+        return self  # clear: one storage for every tenant

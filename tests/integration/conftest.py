@@ -71,8 +71,21 @@ def assert_aborted_and_freed(app: str, before: dict[str, dict], aborted: int, wi
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """One Ray for the session, started after the S3 test server so every Ray worker inherits its AWS_* env."""
+def master_key_file(tmp_path_factory) -> Path:
+    """The master key every Ray process of the session gets, as an operator gives it (LLMAAS_MASTER_KEY_FILE in
+    the environment Ray starts from). Only roots marked encrypted use it (test_encryption's app)."""
+    from llmaas.app.storage.encrypted import MASTER_KEY_FILE_ENV, new_master_key
+
+    path = tmp_path_factory.mktemp("secrets") / "master.key"
+    path.write_text(new_master_key())
+    os.environ[MASTER_KEY_FILE_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, master_key_file):
+    """One Ray for the session, started after the S3 test server so every Ray worker inherits its AWS_* env
+    (and the master key)."""
     import ray
     from ray import serve
 
