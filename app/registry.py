@@ -26,7 +26,15 @@ from pydantic import BaseModel, Field
 from llmaas.app.documents import VersionedDocument
 from llmaas.app.errors import InvalidRequest, NotFound
 from llmaas.app.names import NAME_RE, name_problem
-from llmaas.app.storage import OBJECT_SCHEMES, Storage, StorageUnavailable, is_uri, open_storage, relative_key
+from llmaas.app.storage import (
+    OBJECT_SCHEMES,
+    Storage,
+    StorageUnavailable,
+    is_uri,
+    open_location,
+    open_storage,
+    relative_key,
+)
 from llmaas.engine.lora import AdapterError, check_fits, load_peft_adapter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
@@ -307,13 +315,16 @@ def fetch_adapter(src: Path | str, dest: Path, base: BaseModelInfo, storage: Sto
     decrypted in memory on an encrypted root)."""
     dest.mkdir(parents=True)
     text = str(src)
-    key = relative_key(storage, text) if storage is not None else None
-    if is_uri(text) or key is not None:  # a path under an encrypted root must be read through it, decrypted
+    try:  # a path under an encrypted root is read through it (decrypted); any other path as before
+        key = relative_key(storage, text) if storage is not None and (is_uri(text) or storage.encrypted) else None
+    except ValueError as exc:
+        raise InvalidRequest(f"adapter path {text!r}: {exc}", param="path") from None
+    if is_uri(text) or key is not None:
         if is_uri(text) and urlsplit(text).scheme not in OBJECT_SCHEMES:
             raise InvalidRequest(f"adapter path {text!r}: give a local directory or an "
                                  f"{' / '.join(s + '://' for s in OBJECT_SCHEMES)} prefix", param="path")
         try:
-            remote, key = (storage, key) if key is not None else (open_storage(text), "")
+            remote, key = (storage, key) if key is not None else (open_location(text), "")
             for f in ADAPTER_FILES:
                 try:
                     (dest / f).write_bytes(remote.read(f"{key}/{f}" if key else f))

@@ -10,7 +10,7 @@ Three paths, each at every --concurrency level:
 - serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE);
 - with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs.
 --encryption-cost measures something else instead: what a model replica does to load an adapter version
-(``AdapterCache.source`` + ``engine.add_lora``: read, checksum when sealed, decrypt, parse, cast) for one
+(``AdapterCache.source`` + ``engine.add_lora``: read, decrypt when sealed, parse, cast) for one
 r16 adapter on every projection of the default model, registered on a clear local root and on an encrypted
 one, rounds interleaved; prints ms per load and the ratio; saves serve_load_encryption.json.
 All stay up for the whole run and take turns: a warm-up round of the measured workload each, then --repeats

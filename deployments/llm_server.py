@@ -23,7 +23,7 @@ from llmaas.app.errors import InvalidRequest, ServiceUnavailable
 from llmaas.app.messages import GenerateRequest, TokenDelta
 from llmaas.app.model_source import load_model, resolve_model
 from llmaas.app.registry import Registry, parse_model_id
-from llmaas.app.storage import StorageUnavailable
+from llmaas.app.storage import CorruptObject, StorageUnavailable
 from llmaas.app.structured import guide_factory
 from llmaas.deployments.config import AppConfig
 from llmaas.deployments.metrics import EngineMetrics
@@ -92,7 +92,7 @@ class LLMServer:
         except StorageUnavailable as exc:  # the bucket, not the request: retry later
             raise ServiceUnavailable(f"adapter {version_id} cannot be fetched: {exc}", code="storage_unavailable") \
                 from None
-        except ChecksumMismatch as exc:  # what storage holds is not what was published: the operator's to fix
+        except (ChecksumMismatch, CorruptObject) as exc:  # storage holds not what was published: the operator's
             raise ServiceUnavailable(f"adapter {version_id} is corrupt in storage: {exc}", code="adapter_corrupt") \
                 from None
         except (AdapterError, OSError) as exc:

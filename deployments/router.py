@@ -23,6 +23,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from transformers import AutoTokenizer
 
 from llmaas.app.access import CreateKeyRequest
@@ -284,7 +285,10 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:
-        config.open_storage()  # an encrypted root is marked before anything is written to it
+        if config.open_storage().encrypted:  # an encrypted root is marked before anything is written to it
+            # uploads stay in memory (each at most max_upload_mb): Starlette would spool those over 1 MB to disk
+            MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size,
+                                                 int(config.max_upload_mb * (1 << 20)) + (1 << 20))
         model = resolve_model(config.model)
         self.llm = llm
         self.manage = Management(config.storage_root, model.path,

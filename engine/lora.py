@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
@@ -78,7 +79,7 @@ def load_peft_adapter(path: str | Path | Mapping[str, bytes], name: str, num_lay
             if any(path.glob("*.bin")) or any(path.glob("*.pt")):
                 raise AdapterError(f"{path}: only adapter_model.safetensors is loaded; pickle (.bin/.pt) is refused")
             raise AdapterError(f"{path}: adapter_model.safetensors is missing")
-        raw_cfg, raw_weights = cfg_file.read_bytes(), weights_file.read_bytes()
+        raw_cfg, raw_weights = cfg_file.read_bytes(), weights_file  # a file is memory-mapped, not copied
     cfg = json.loads(raw_cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
@@ -97,7 +98,7 @@ def load_peft_adapter(path: str | Path | Mapping[str, bytes], name: str, num_lay
         raise AdapterError(f"{path}: rank {rank} is outside this engine's 1..max_lora_rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
-    tensors = load_safetensors(raw_weights)
+    tensors = load_file(str(raw_weights)) if isinstance(raw_weights, Path) else load_safetensors(raw_weights)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

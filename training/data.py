@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmaas.app.storage import Storage, is_uri, open_storage, relative_key
+from llmaas.app.storage import Storage, is_uri, open_location, relative_key
 
 IGNORE = -100  # torch cross-entropy's ignore_index
 ROLES = {"system", "developer", "user", "assistant"}
@@ -196,7 +196,9 @@ def read_source(path_or_uri: str, storage: Storage) -> tuple[str, bytes]:
             return key.rpartition("/")[2], storage.read(key)
         if is_uri(path_or_uri):
             parent, _, name = path_or_uri.rpartition("/")
-            return name, open_storage(parent).read(name)
+            return name, open_location(parent).read(name)
         return Path(path_or_uri).name, Path(path_or_uri).read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path_or_uri}: no such file") from None
+    except ValueError as exc:  # a key the storage refuses (hidden or escaping components)
+        raise DataError(f"{path_or_uri}: {exc}") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import tempfile
 import threading
 import time
@@ -50,21 +51,23 @@ class FileStore:
 
     def create(self, src: BinaryIO, filename: str, purpose: str, owner: str | None = None,
                max_bytes: int | None = None) -> FileObject:
-        """Streams ``src`` to a local temp file (never whole in memory, at most ``max_bytes``), validates it line
-        by line, then uploads it and publishes its object. Blocking: the Router calls it in a worker thread."""
+        """Streams ``src`` to a local temp file (never whole in memory, at most ``max_bytes``; on an encrypted root
+        to memory instead, so no plaintext reaches the disk), validates it line by line, then uploads it and
+        publishes its object. Blocking: the Router calls it in a worker thread."""
         if purpose != "fine-tune":
             raise InvalidRequest("purpose must be 'fine-tune'", param="purpose")
         self._check_quota(owner, 0)
         with tempfile.TemporaryDirectory(prefix="llmaas-upload-") as tmp:
             local = Path(tmp) / "data.jsonl"
             size = 0
-            with local.open("wb") as out:
+            with (io.BytesIO() if self.storage.encrypted else local.open("wb")) as out:
                 while chunk := src.read(CHUNK):
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise PayloadTooLarge(f"upload exceeds {max_bytes} bytes", param="file")
                     out.write(chunk)
-            with local.open("rb") as f:
+                data = out.getvalue() if self.storage.encrypted else None
+            with (io.BytesIO(data) if data is not None else local.open("rb")) as f:
                 try:
                     rows = validate_lines(f, filename or "upload")
                 except DataError as exc:
@@ -73,10 +76,13 @@ class FileStore:
                              filename=Path(filename or "upload.jsonl").name, purpose=purpose, rows=rows, owner=owner)
             with self._owner_locks[owner]:  # one Router replica's parallel uploads cannot pass the quota together
                 self._check_quota(owner, size)
-                storage = self.storage.for_tenant(owner)  # the tenant's own data key when the root is encrypted
-                storage.upload_file(local, self._key(obj.id, ".jsonl"))
+                if data is not None:  # the data under the tenant's own data key; its object under the system key,
+                    # so listing files never needs a key another tenant's deletion could have taken away
+                    self.storage.for_tenant(owner).write(self._key(obj.id, ".jsonl"), data)
+                else:
+                    self.storage.upload_file(local, self._key(obj.id, ".jsonl"))
                 try:
-                    storage.write(self._key(obj.id, ".json"), obj.model_dump_json().encode())
+                    self.storage.write(self._key(obj.id, ".json"), obj.model_dump_json().encode())
                 except BaseException:
                     self.storage.delete(self._key(obj.id, ".jsonl"))
                     raise

@@ -10,13 +10,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from llmaas.app.storage.base import Storage, StorageUnavailable, check_key
-from llmaas.app.storage.encrypted import EncryptedStorage, EncryptionKeyError, enable_encryption, encrypted_view
+from llmaas.app.storage.encrypted import (
+    CorruptObject,
+    EncryptedStorage,
+    EncryptionKeyError,
+    enable_encryption,
+    encrypted_view,
+)
 from llmaas.app.storage.local import LocalStorage, atomic_write, inside
 from llmaas.app.storage.object_store import BACKENDS, ObjectStorage
 
-__all__ = ["OBJECT_SCHEMES", "EncryptedStorage", "EncryptionKeyError", "LocalStorage", "ObjectStorage", "Storage",
-           "StorageUnavailable", "atomic_write", "check_key", "enable_encryption", "inside", "is_uri", "open_storage",
-           "relative_key", "storage_id"]
+__all__ = ["OBJECT_SCHEMES", "CorruptObject", "EncryptedStorage", "EncryptionKeyError", "LocalStorage", "ObjectStorage",
+           "Storage", "StorageUnavailable", "atomic_write", "check_key", "enable_encryption", "inside", "is_uri",
+           "open_location", "open_storage", "relative_key", "storage_id"]
 
 
 def is_uri(root: str) -> bool:
@@ -71,13 +77,16 @@ def open_storage(root: str | Path | Storage, *, encrypt: bool = False) -> Storag
     """
     if not isinstance(root, (str, Path)):  # already a Storage
         return root
-    inner = _open_clear(root)
+    inner = open_location(root)
     if encrypt:
         enable_encryption(inner)
     return encrypted_view(inner, storage_id(inner.uri))
 
 
-def _open_clear(root: str | Path) -> Storage:
+def open_location(root: str | Path) -> Storage:
+    """A location that is not a storage root of ours (a user's adapter directory or training-data bucket), opened
+    as it is: its objects are read as stored, and no encryption marker is looked for (a read-only credential is
+    enough)."""
     if isinstance(root, Path):
         return LocalStorage(root)
     text = root.strip()

@@ -3,18 +3,20 @@
 A storage root is encrypted once it holds the marker object ``encryption/root.json``; every process that
 opens it (``open_storage``) then reads and writes through ``EncryptedStorage`` and needs the master key,
 from ``LLMAAS_MASTER_KEY_FILE`` (a file holding the key in base64) or ``LLMAAS_MASTER_KEY`` (the base64
-text). A root without the marker stays in the clear, so roots never mix the two.
+text), and during a rotation also the old one (``LLMAAS_PREVIOUS_MASTER_KEY_FILE``), which only unwraps.
+A root without the marker stays in the clear, so roots never mix the two.
 
 * Each tenant has its own 256-bit data key, made on its first write, stored at
   ``encryption/data-keys/<sha256(tenant)>.json`` wrapped (AES-GCM) by the master key together with the
   master key's id. Rotating the master key (``rotate_master_key``) re-wraps these few objects and rewrites
-  no data. Deleting a tenant's data-key object makes everything written under it unreadable.
+  no data. Tenant names are in the clear (in each object's header and data-key record).
 * Every object is ``MAGIC | tenant | nonce | AES-GCM(data key, plaintext)``; the object's key is
   authenticated data, so bytes moved to another key, or altered, fail to decrypt with an error that says
-  so. A wrong master key is named as such (its id differs from the one that wrapped the data key), never
-  decrypted into garbage.
+  so (``CorruptObject``). A wrong master key is named as such (its id differs from the one that wrapped the
+  data key: ``EncryptionKeyError``), never decrypted into garbage. An older sealed copy of the same key would
+  read as valid: the service never rewrites an adapter, file or checkpoint key.
 * Nothing is decrypted to disk by this module except ``download_dir`` (asked for by name); adapters are
-  served from ``read()`` bytes, training files are parsed from ``read()`` bytes.
+  served from ``read()`` bytes, training files are parsed from ``read()`` bytes, uploads are spooled in memory.
 * Ray Train checkpoints go through ``arrow_filesystem()``: a pyarrow ``PyFileSystem`` that seals each
   file as it is closed and opens it decrypted in memory.
 What stays in the clear: object keys (ids, adapter names, the layout), object sizes and times.
@@ -39,6 +41,8 @@ from llmaas.app.storage.base import Storage, StorageUnavailable, download_into, 
 
 MASTER_KEY_ENV = "LLMAAS_MASTER_KEY"
 MASTER_KEY_FILE_ENV = "LLMAAS_MASTER_KEY_FILE"
+PREVIOUS_KEY_ENV = "LLMAAS_PREVIOUS_MASTER_KEY"  # during a rotation: unwraps, never wraps
+PREVIOUS_KEY_FILE_ENV = "LLMAAS_PREVIOUS_MASTER_KEY_FILE"
 MARKER = "encryption/root.json"
 DATA_KEYS = "encryption/data-keys"
 MAGIC = b"LLMAASE1"
@@ -47,7 +51,13 @@ _NONCE = 12
 
 
 class EncryptionKeyError(StorageUnavailable):
-    """The storage cannot be read with the key this process has: no key, a wrong key, or altered bytes."""
+    """The storage cannot be read with the keys this process has: no master key, or a wrong one (the operator's
+    to fix; a 503 to clients, like any storage out of reach)."""
+
+
+class CorruptObject(OSError):
+    """A stored object is not what was sealed there: altered, truncated, copied from another key, or written in
+    the clear into an encrypted root."""
 
 
 def new_master_key() -> str:
@@ -67,16 +77,21 @@ def parse_master_key(text: str | bytes, where: str) -> bytes:
     return key
 
 
-def master_key_from_env() -> bytes | None:
-    """The master key this process was given, or None."""
-    if path := os.environ.get(MASTER_KEY_FILE_ENV):
+def master_key_from_env(file_env: str = MASTER_KEY_FILE_ENV, text_env: str = MASTER_KEY_ENV) -> bytes | None:
+    """The master key this process was given (``*_FILE`` first, then the base64 text), or None."""
+    if path := os.environ.get(file_env):
         try:
-            return parse_master_key(Path(path).read_bytes(), f"{MASTER_KEY_FILE_ENV}={path}")
+            return parse_master_key(Path(path).expanduser().read_bytes(), f"{file_env}={path}")
         except OSError as exc:
-            raise EncryptionKeyError(f"{MASTER_KEY_FILE_ENV}={path}: cannot read the key file ({exc})") from None
-    if text := os.environ.get(MASTER_KEY_ENV):
-        return parse_master_key(text, MASTER_KEY_ENV)
+            raise EncryptionKeyError(f"{file_env}={path}: cannot read the key file ({exc})") from None
+    if text := os.environ.get(text_env):
+        return parse_master_key(text, text_env)
     return None
+
+
+def previous_key_from_env() -> bytes | None:
+    """The key being rotated away from, while a rotation is under way."""
+    return master_key_from_env(PREVIOUS_KEY_FILE_ENV, PREVIOUS_KEY_ENV)
 
 
 def key_id(master_key: bytes) -> str:
@@ -94,12 +109,15 @@ def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 
 
 class Keyring:
-    """A root's data keys, unwrapped with one master key and kept in this process's memory."""
+    """A root's data keys, kept in this process's memory once unwrapped. New ones are wrapped by the master key;
+    existing ones are unwrapped by whichever of the master and the previous key (during a rotation) wrapped them.
+    A data key stays cached until the process ends, also if its object is deleted meanwhile."""
 
-    def __init__(self, inner: Storage, master_key: bytes) -> None:
+    def __init__(self, inner: Storage, master_key: bytes, previous_key: bytes | None = None) -> None:
         self.inner = inner
         self.master_key = master_key
         self.master_id = key_id(master_key)
+        self._unwrapping = {key_id(k): k for k in (previous_key, master_key) if k is not None}
         self._keys: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -123,24 +141,35 @@ class Keyring:
             self._keys[tenant] = key
             return key
 
-    def _wrap(self, tenant: str, key: bytes, master_key: bytes | None = None) -> bytes:
-        master_key = master_key or self.master_key
-        return json.dumps({"tenant": tenant, "master_key_id": key_id(master_key), "created_at": int(time.time()),
-                           "wrapped": base64.b64encode(_seal(master_key, key, _aad(tenant))).decode()}).encode()
+    def _wrap(self, tenant: str, key: bytes) -> bytes:
+        return json.dumps({"tenant": tenant, "master_key_id": self.master_id, "created_at": int(time.time()),
+                           "wrapped": base64.b64encode(_seal(self.master_key, key, _aad(tenant))).decode()}).encode()
 
-    def _unwrap(self, tenant: str, doc: bytes, master_key: bytes | None = None) -> bytes:
-        master_key = master_key or self.master_key
-        record = json.loads(doc)
-        if record.get("master_key_id") != key_id(master_key):
-            raise EncryptionKeyError(
-                f"{self.inner.uri}: tenant {tenant!r}'s data key is wrapped by master key "
-                f"{record.get('master_key_id')}, and this process has master key {key_id(master_key)}: set "
-                f"{MASTER_KEY_FILE_ENV} to the key this root was encrypted with")
+    def _unwrap(self, tenant: str, doc: bytes) -> bytes:
         try:
-            return _open(master_key, base64.b64decode(record["wrapped"]), _aad(tenant))
-        except (InvalidTag, KeyError, ValueError):
-            raise EncryptionKeyError(f"{self.inner.uri}: tenant {tenant!r}'s data key object is damaged or was "
-                                     "altered") from None
+            record = json.loads(doc)
+            wrapped_by, wrapped = record["master_key_id"], base64.b64decode(record["wrapped"])
+        except (ValueError, KeyError, TypeError):
+            raise CorruptObject(f"{self.inner.uri}: tenant {tenant!r}'s data key object is damaged") from None
+        master_key = self._unwrapping.get(wrapped_by)
+        if master_key is None:
+            raise EncryptionKeyError(
+                f"{self.inner.uri}: tenant {tenant!r}'s data key is wrapped by master key {wrapped_by}, and this "
+                f"process has master key {' and '.join(self._unwrapping)}: set {MASTER_KEY_FILE_ENV} to the key "
+                f"this root was encrypted with (during a rotation, the old one as {PREVIOUS_KEY_FILE_ENV})")
+        try:
+            return _open(master_key, wrapped, _aad(tenant))
+        except (InvalidTag, ValueError):
+            raise CorruptObject(f"{self.inner.uri}: tenant {tenant!r}'s data key object was altered") from None
+
+    def rewrap(self, doc_key: str) -> bool:
+        """Re-wraps one data-key object under the master key; False if it already is."""
+        record = json.loads(self.inner.read(doc_key))
+        if record.get("master_key_id") == self.master_id:
+            return False
+        tenant = record.get("tenant", "?")
+        self.inner.write(doc_key, self._wrap(tenant, self._unwrap(tenant, json.dumps(record).encode())))
+        return True
 
 
 def _aad(tenant: str) -> bytes:
@@ -171,16 +200,18 @@ class EncryptedStorage:
 
     def unseal(self, key: str, blob: bytes) -> bytes:
         if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 2:
-            raise EncryptionKeyError(f"{self.uri}: object {key!r} is not encrypted, in a root that is: it was not "
-                                     "written by llmaas")
+            raise CorruptObject(f"{self.uri}: object {key!r} is not encrypted, in a root that is: it was not "
+                                "written by llmaas")
         (size,) = struct.unpack(">H", blob[len(MAGIC):len(MAGIC) + 2])
         end = len(MAGIC) + 2 + size
+        if len(blob) < end + _NONCE + 16:  # nonce + GCM tag
+            raise CorruptObject(f"{self.uri}: object {key!r} is truncated")
         tenant = blob[len(MAGIC) + 2:end].decode("utf-8", "replace")
         try:
             return _open(self.keyring.data_key(tenant, create=False), blob[end:], blob[:end] + key.encode())
-        except InvalidTag:
-            raise EncryptionKeyError(f"{self.uri}: object {key!r} fails authentication: altered in storage or "
-                                     "copied from another key") from None
+        except (InvalidTag, ValueError):
+            raise CorruptObject(f"{self.uri}: object {key!r} fails authentication: altered in storage or copied "
+                                "from another key") from None
 
     def read(self, key: str) -> bytes:
         return self.unseal(key, self.inner.read(key))
@@ -246,9 +277,10 @@ def _sealing_fs_class():
             return _reopen_sealing_fs, (self.storage.uri, self.storage.tenant)
 
         def _key(self, path: str) -> str:
+            """The storage key of ``path``: only paths below the root, never the keys' own folder."""
             path = path.rstrip("/")
-            if not path.startswith(self.root + "/"):
-                raise PermissionError(f"{path} lies outside the encrypted root {self.root}")
+            if not path.startswith(self.root + "/") or path[len(self.root) + 1:].split("/")[0] == "encryption":
+                raise PermissionError(f"{path}: Ray Train may only use paths below {self.root}, not its keys")
             return path[len(self.root) + 1:]
 
         def get_type_name(self) -> str:
@@ -267,18 +299,22 @@ def _sealing_fs_class():
             return self.fs.get_file_info(selector)
 
         def create_dir(self, path, recursive):
+            self._key(path)
             self.fs.create_dir(path, recursive=recursive)
 
         def delete_dir(self, path):
+            self._key(path)
             self.fs.delete_dir(path)
 
         def delete_dir_contents(self, path, missing_dir_ok=False):
+            self._key(path)
             self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
         def delete_root_dir_contents(self):
             raise PermissionError("refusing to empty the root of an encrypted storage")
 
         def delete_file(self, path):
+            self._key(path)
             self.fs.delete_file(path)
 
         def move(self, src, dest):  # the key is authenticated: re-seal under the new one
@@ -339,28 +375,28 @@ class _SealOnClose(io.RawIOBase):
         return self.buffer.write(data)
 
     def close(self) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:  # closed whatever happens: a failed write is raised once, not retried by the garbage collector
             sealed = self.owner.storage.seal(self.owner._key(self.path), self.buffer.getvalue())
             self.owner.fs.create_dir(self.path.rpartition("/")[0], recursive=True)  # a local fs needs the parent
             with self.owner.fs.open_output_stream(self.path) as out:
                 out.write(sealed)
-        super().close()
+        finally:
+            super().close()
 
 
-_keyrings: dict[tuple[str, bytes], Keyring] = {}  # one per root and master key in a process: data keys unwrapped once
+_keyrings: dict[tuple, Keyring] = {}  # one per root and keys in a process: each data key is unwrapped once
 _keyrings_lock = threading.Lock()
 
 
-def _keyring(root_id: str, master_key: bytes, inner: Storage) -> Keyring:
+def _keyring(root_id: str, inner: Storage) -> Keyring:
+    master, previous = master_key_from_env(), previous_key_from_env()
+    if master is None:
+        raise EncryptionKeyError(f"storage root {inner.uri} is encrypted: give this process its master key "
+                                 f"({MASTER_KEY_FILE_ENV}=path or {MASTER_KEY_ENV}=base64)")
     with _keyrings_lock:
-        return _keyrings.setdefault((root_id, master_key), Keyring(inner, master_key))
-
-
-def marker_of(inner: Storage) -> dict | None:
-    try:
-        return json.loads(inner.read(MARKER))
-    except FileNotFoundError:
-        return None
+        return _keyrings.setdefault((root_id, master, previous), Keyring(inner, master, previous))
 
 
 def encrypted_view(inner: Storage, root_id: str) -> Storage:
@@ -368,40 +404,33 @@ def encrypted_view(inner: Storage, root_id: str) -> Storage:
     required then: EncryptionKeyError names what is missing)."""
     if not inner.exists(MARKER):
         return inner
-    master = master_key_from_env()
-    if master is None:
-        raise EncryptionKeyError(f"storage root {inner.uri} is encrypted: give this process its master key "
-                                 f"({MASTER_KEY_FILE_ENV}=path or {MASTER_KEY_ENV}=base64)")
-    return EncryptedStorage(inner, _keyring(root_id, master, inner))
+    return EncryptedStorage(inner, _keyring(root_id, inner))
 
 
 def enable_encryption(inner: Storage) -> None:
-    """Marks ``inner``'s root encrypted (idempotent). A root that already holds clear objects is refused: its
-    old objects would stay readable to anyone with the disk, so encryption starts on a new root."""
-    master = master_key_from_env()
-    if master is None:
+    """Marks ``inner``'s root encrypted (idempotent; several processes may race to do it). A root that already
+    holds clear objects is refused: they would stay readable to anyone with the disk, so encryption starts on a
+    new root."""
+    if master_key_from_env() is None:
         raise EncryptionKeyError(f"encryption at rest is on but no master key was given: set {MASTER_KEY_FILE_ENV} "
                                  f"(a file from `llmaas encryption new-key`) or {MASTER_KEY_ENV}")
     if inner.exists(MARKER):
         return
-    if inner.list(""):
-        raise EncryptionKeyError(f"storage root {inner.uri} already holds unencrypted objects; point storage_root "
-                                 "at a new, empty location to encrypt at rest")
+    if clear := [k for k in inner.list("") if not k.startswith("encryption/")]:
+        if inner.exists(MARKER):  # another process marked it and wrote since our first look
+            return
+        raise EncryptionKeyError(f"storage root {inner.uri} already holds unencrypted objects ({clear[0]}, ...); "
+                                 "point storage_root at a new, empty location to encrypt at rest")
     inner.create(MARKER, json.dumps({"version": 1, "cipher": "AES-256-GCM", "envelope": "per-tenant data keys",
                                      "created_at": int(time.time())}).encode())
 
 
-def rotate_master_key(inner: Storage, old_key: bytes, new_key: bytes) -> int:
-    """Re-wraps every data key of ``inner``'s root from ``old_key`` to ``new_key``; data is not rewritten.
-    Resumable: data keys already under ``new_key`` are skipped. Returns how many were re-wrapped."""
-    ring = Keyring(inner, old_key)
+def rotate_master_key(storage: EncryptedStorage) -> int:
+    """Re-wraps every data key of ``storage``'s root that is not under its master key (unwrapping with the previous
+    key), and no data. Passes repeat until one finds nothing left, so data keys made meanwhile by processes that
+    still wrap with the old key are caught too. Returns how many were re-wrapped."""
+    ring = Keyring(storage.inner, storage.keyring.master_key, previous_key_from_env())
     done = 0
-    for doc_key in inner.list(DATA_KEYS):
-        record = json.loads(inner.read(doc_key))
-        if record.get("master_key_id") == key_id(new_key):
-            continue
-        tenant = record["tenant"]
-        key = ring._unwrap(tenant, json.dumps(record).encode())
-        inner.write(doc_key, ring._wrap(tenant, key, new_key))
-        done += 1
+    while changed := sum(ring.rewrap(doc_key) for doc_key in storage.inner.list(DATA_KEYS)):
+        done += changed
     return done

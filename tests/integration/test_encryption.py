@@ -3,6 +3,7 @@ marked encrypted; then every stored byte is read and no training line, JSON reco
 found; the README's lines run as written; a wrong key fails clearly; rotation rewrites no data."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,8 +15,8 @@ import openai
 import pytest
 from ray import serve
 
-from llmaas.app.storage import EncryptionKeyError, open_storage
-from llmaas.app.storage.encrypted import MAGIC, MASTER_KEY_FILE_ENV, new_master_key
+from llmaas.app.storage import EncryptionKeyError, encrypted, open_storage
+from llmaas.app.storage.encrypted import MAGIC, MASTER_KEY_FILE_ENV
 from llmaas.deployments.cli import main as cli
 from llmaas.deployments.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
@@ -74,41 +75,52 @@ def test_the_whole_loop_on_an_encrypted_root_leaves_no_plaintext(sealed):
     assert open_storage(root).read(f"files/{upload.id}.jsonl").decode().splitlines() == lines
 
 
-def test_readme_lines_wrong_key_and_rotation(sealed, tmp_path, monkeypatch, capsys):
+def test_readme_lines_wrong_key_and_rotation(sealed, master_key_file, tmp_path, monkeypatch, capsys):
     root, client = sealed
     home = tmp_path / "home"
     home.mkdir()
-    lines = readme_encryption_lines()
-    script = "\n".join(lines).replace("~/.cache/llmaas/sealed", root)  # the README's lines, on this app's root
     env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    status = json.loads(done.stdout)
-    new_file = home / ".llmaas-master.key"
-    assert oct(new_file.stat().st_mode)[-3:] == "600"
-    assert status["data_keys"] >= 2 and status["wrapped_by"] != [status["this_process_key"]]  # a new key
+    env.pop(MASTER_KEY_FILE_ENV)
 
+    def bash(lines: list[str]) -> str:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first, rotation = readme_encryption_blocks()
+    assert bash(first).strip().endswith(": not encrypted")  # the first time: a key, and a root not made yet
+    key = home / ".llmaas-master.key"
+    assert oct(key.stat().st_mode)[-3:] == "600" and len(base64.b64decode(key.read_text())) == 32
+
+    key.write_text(master_key_file.read_text())  # the key this app's processes were started with
     before = {k: v for k, v in raw_objects(root).items() if not k.startswith("encryption/")}
-    assert cli(["encryption", "rotate", "--storage-root", root, "--new-key-file", str(new_file)]) == 0
-    assert "re-wrapped" in capsys.readouterr().out
-    assert {k: v for k, v in raw_objects(root).items() if not k.startswith("encryption/")} == before
+    out = bash([line.replace("~/.cache/llmaas/sealed", root) for line in rotation])
+    assert "data keys re-wrapped" in out and not out.startswith("0 ")
+    assert {k: v for k, v in raw_objects(root).items() if not k.startswith("encryption/")} == before  # no data
+
+    new_key = home / ".llmaas-master-2.key"
+    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(new_key))  # the rollout's end: the new key alone
+    assert cli(["encryption", "status", "--storage-root", root]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["wrapped_by"] == status["this_process_keys"] and status["data_keys"] >= 2  # acme + system
     upload = next(k for k in before if k.startswith("files/") and k.endswith(".jsonl"))
-    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(new_file))  # the new key opens it (nothing unwrapped with it yet)
-    assert json.loads(open_storage(root).read(upload).splitlines()[0])
-    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(tmp_path / "wrong.key"))
-    (tmp_path / "wrong.key").write_text(new_master_key())
+    assert json.loads(open_storage(root).read(upload).splitlines()[0])  # a new process with the new key reads
+    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(master_key_file))
+    encrypted._keyrings.clear()  # as a new process would be: nothing unwrapped yet
     with pytest.raises(EncryptionKeyError, match="wrapped by master key .* this process has master key"):
-        open_storage(root).read(upload)
+        open_storage(root).read(upload)  # the old key no longer opens the root
     # the running app keeps serving: its processes hold the data keys they unwrapped before the rotation
     assert client.chat.completions.create(model="sealed", messages=REVIEW, max_tokens=2).choices
 
 
-def readme_encryption_lines() -> list[str]:
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = text.split("**Encryption at rest.**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    lines = block.strip().splitlines()
-    assert [ln.split()[:3] for ln in lines] == [["llmaas", "encryption", "new-key"],
-                                               ["export", "LLMAAS_MASTER_KEY_FILE=~/.llmaas-master.key", "#"],
-                                               ["llmaas", "encryption", "status"]]
-    return lines
+def readme_encryption_blocks() -> tuple[list[str], list[str]]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("**Encryption at rest.**", 1)[1]
+    blocks = [b.split("```", 1)[0].strip().splitlines() for b in text.split("```bash\n")[1:3]]
+    assert [ln.split()[:3] for ln in blocks[0]] == [["(umask", "077;", "llmaas"],
+                                                   ["export", "LLMAAS_MASTER_KEY_FILE=~/.llmaas-master.key", "#"],
+                                                   ["llmaas", "encryption", "status"]]
+    assert [ln.split()[:2] for ln in blocks[1]] == [["(umask", "077;"], ["export", "LLMAAS_MASTER_KEY_FILE="
+                                                                         "~/.llmaas-master-2.key"],
+                                                    ["llmaas", "encryption"]]
+    return blocks[0], blocks[1]

@@ -3,6 +3,7 @@ with a message that says so, rotation re-wraps without rewriting data, Ray Train
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 
@@ -11,10 +12,18 @@ import pytest
 from llmaas.app.adapter_cache import AdapterCache
 from llmaas.app.model_source import base_model_info
 from llmaas.app.registry import Registry
-from llmaas.app.storage import EncryptedStorage, EncryptionKeyError, encrypted, open_storage
-from llmaas.app.storage.encrypted import DATA_KEYS, MAGIC, MASTER_KEY_FILE_ENV, new_master_key
+from llmaas.app.storage import (
+    CorruptObject,
+    EncryptedStorage,
+    EncryptionKeyError,
+    encrypted,
+    open_location,
+    open_storage,
+)
+from llmaas.app.storage.encrypted import DATA_KEYS, MAGIC, MASTER_KEY_FILE_ENV, PREVIOUS_KEY_FILE_ENV, new_master_key
 from llmaas.deployments.cli import main as cli
 from llmaas.engine import load_peft_adapter
+from llmaas.training.files import FileStore
 from tests.models import make_peft_adapter, tiny_llama
 
 SECRET = b'{"prompt": "my card is 4111 1111 1111 1111", "completion": "noted"}\n'
@@ -69,52 +78,94 @@ def test_wrong_or_missing_key_and_altered_bytes_fail_clearly(root, key_files, mo
         open_storage(root)
     monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(key_files[0]))
     storage = open_storage(root)
-    blob = bytearray(storage.inner.read("files/a.jsonl"))
-    blob[-1] ^= 1
-    storage.inner.write("files/a.jsonl", bytes(blob))
-    with pytest.raises(EncryptionKeyError, match="fails authentication"):
+    blob = storage.inner.read("files/a.jsonl")
+    storage.inner.write("files/a.jsonl", blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(CorruptObject, match="fails authentication"):
+        storage.read("files/a.jsonl")
+    storage.inner.write("files/a.jsonl", blob[:20])
+    with pytest.raises(CorruptObject, match="truncated"):
         storage.read("files/a.jsonl")
     storage.write("files/c.jsonl", SECRET)
     storage.inner.write("files/d.jsonl", storage.inner.read("files/c.jsonl"))  # sealed bytes moved to another key
-    with pytest.raises(EncryptionKeyError, match="fails authentication"):
+    with pytest.raises(CorruptObject, match="fails authentication"):
         storage.read("files/d.jsonl")
     storage.inner.write("files/e.jsonl", SECRET)  # planted in the clear
-    with pytest.raises(EncryptionKeyError, match="not encrypted"):
+    with pytest.raises(CorruptObject, match="not encrypted"):
         storage.read("files/e.jsonl")
 
 
-def test_a_root_with_clear_objects_is_not_turned_encrypted(tmp_path, key_files):
+class FirstLookMissesMarker:
+    def __init__(self, inner) -> None:
+        self.inner, self.looked = inner, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def exists(self, key: str) -> bool:
+        if key == encrypted.MARKER and not self.looked:
+            self.looked = True
+            return False
+        return self.inner.exists(key)
+
+
+def test_a_root_with_clear_objects_is_not_turned_encrypted_but_a_racing_marker_is_fine(tmp_path, key_files):
     open_storage(str(tmp_path / "r")).write("files/a.jsonl", SECRET)
     with pytest.raises(EncryptionKeyError, match="already holds unencrypted objects"):
         open_storage(str(tmp_path / "r"), encrypt=True)
     assert not open_storage(str(tmp_path / "r")).encrypted
 
+    first = open_storage(str(tmp_path / "s"), encrypt=True)  # a replica that marked the root and wrote
+    first.write("registry/00000001.json", b"{}")
+    late = FirstLookMissesMarker(open_location(str(tmp_path / "s")))  # another replica, its first look too early
+    encrypted.enable_encryption(late)  # sees the objects, looks again, finds the marker: no error
+    assert open_storage(str(tmp_path / "s")).read("registry/00000001.json") == b"{}"
+
+
+def test_a_tenant_whose_data_key_is_gone_does_not_break_the_file_list(tmp_path, key_files, monkeypatch):
+    files = FileStore(open_storage(str(tmp_path / "root"), encrypt=True))
+    mine = files.create(io.BytesIO(SECRET), "a.jsonl", "fine-tune", owner="acme")
+    theirs = files.create(io.BytesIO(SECRET), "b.jsonl", "fine-tune", owner="bob")
+    files.storage.inner.delete(encrypted.Keyring.doc_key("bob"))  # bob's data shredded
+    monkeypatch.setattr(encrypted, "_keyrings", {})  # a new process
+    files = FileStore(str(tmp_path / "root"))
+    assert [f.id for f in files.list("acme")] == [mine.id] and len(files.list()) == 2
+    assert files.storage.read(f"files/{mine.id}.jsonl") == SECRET
+    with pytest.raises(EncryptionKeyError, match="data key of tenant 'bob' is gone"):
+        files.storage.read(f"files/{theirs.id}.jsonl")
+
 
 def test_rotation_rewraps_data_keys_and_rewrites_no_data(root, key_files, monkeypatch, capsys):
+    old, new = key_files
     storage = open_storage(root, encrypt=True)
     for tenant in ("acme", "bob"):
         storage.for_tenant(tenant).write(f"files/{tenant}.jsonl", SECRET)
     data_before = {k: v for k, v in stored(root).items() if not k.startswith("encryption/")}
-    assert cli(["encryption", "rotate", "--storage-root", root, "--new-key-file", str(key_files[1])]) == 0
-    assert "2 data keys re-wrapped" in capsys.readouterr().out
+    # the rollout: every process gets the new key, and the old one as the previous key
+    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(new))
+    monkeypatch.setenv(PREVIOUS_KEY_FILE_ENV, str(old))
+    during = open_storage(root)
+    assert during.read("files/acme.jsonl") == SECRET  # unwrapped with the previous key
+    during.for_tenant("carol").write("files/carol.jsonl", SECRET)  # a new tenant's key: wrapped by the new one
+    assert cli(["encryption", "status", "--storage-root", root]) == 0
+    assert len(json.loads(capsys.readouterr().out)["wrapped_by"]) == 2
+    assert cli(["encryption", "rotate", "--storage-root", root]) == 0
+    assert "2 data keys re-wrapped" in capsys.readouterr().out  # acme and bob; carol's already was
     after = stored(root)
-    assert {k: v for k, v in after.items() if not k.startswith("encryption/")} == data_before  # data untouched
-    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(key_files[1]))
+    assert {k: after[k] for k in data_before} == data_before  # no data rewritten
+    monkeypatch.delenv(PREVIOUS_KEY_FILE_ENV)  # the rollout's end: the new key alone
+    monkeypatch.setattr(encrypted, "_keyrings", {})  # (a new process: nothing unwrapped yet)
     assert open_storage(root).read("files/bob.jsonl") == SECRET
     assert cli(["encryption", "status", "--storage-root", root]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["data_keys"] == 2 and status["wrapped_by"] == [status["this_process_key"]]
-    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(key_files[0]))  # a new process with the old key opens nothing
-    monkeypatch.setattr(encrypted, "_keyrings", {})  # (this one still holds the data keys it unwrapped before)
+    assert status["data_keys"] == 3 and status["wrapped_by"] == status["this_process_keys"]
+    assert cli(["encryption", "rotate", "--storage-root", root]) == 0
+    assert "0 data keys re-wrapped" in capsys.readouterr().out  # a rerun (or a resumed one) skips what is done
+    monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(old))  # a process left with the old key opens nothing
+    monkeypatch.setattr(encrypted, "_keyrings", {})
     with pytest.raises(EncryptionKeyError, match="wrapped by master key"):
         open_storage(root).read("files/acme.jsonl")
-    capsys.readouterr()
-    assert cli(["encryption", "rotate", "--storage-root", root, "--new-key-file", str(key_files[1])]) == 0
-    assert "0 data keys re-wrapped" in capsys.readouterr().out  # a rerun (or a resumed one) skips what is done
-    third = key_files[1].parent / "k3"
-    third.write_text(new_master_key())
-    assert cli(["encryption", "rotate", "--storage-root", root, "--new-key-file", str(third)]) == 1  # old key
-    assert "wrapped by master key" in capsys.readouterr().err
+    assert cli(["encryption", "status", "--storage-root", root]) == 1
+    assert "which this process does not have" in capsys.readouterr().err
 
 
 def test_ray_train_filesystem_seals_and_ships_without_the_key(root, tmp_path, key_files):
