@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # PIP_EXTRA_INDEX_URL pointing at the CUDA wheels you use (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup serve test bench clean
+.PHONY: setup browser serve test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The console's browser tests drive Debian's headless Chromium (installed once; root, or sudo when there is one).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi
+
 serve: setup
 	$(VENV)/bin/llmaas prepare
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q --durations=25 tests
 
 clean:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,6 +25,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.staticfiles import StaticFiles
 from transformers import AutoTokenizer
 
 from llmaas.app.access import CreateKeyRequest
@@ -82,7 +84,9 @@ def _is_type_tag(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
 
 
-OPEN_PATHS = {"/health"}  # the only route that answers without a key when keys are configured
+OPEN_PATHS = {"/health"}  # answers without a key when keys are configured (and the console's static files)
+# the web console: static files the browser runs against the same API and keys, at /ui/
+api.mount("/ui", StaticFiles(directory=Path(__file__).resolve().parent / "console", html=True), name="console")
 
 
 class _BodyTooLarge(HTTPException):
@@ -139,7 +143,7 @@ async def _gate_requests(request: Request, call_next):
         path = path[len(root):] or "/"  # the app may be mounted under a route prefix
     budget = None
     try:
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/"):  # the console's files hold no data
             request.state.principal = ANONYMOUS
         else:
             if gate.auth.enabled:
@@ -463,6 +467,14 @@ class Router:
         return await self.meter.service.query.remote(
             parse_time(start, "start"), parse_time(end, "end"), mine, who.admin and tenant is None,
             parse_group_by(group_by), check_bucket(bucket_width))
+
+    @api.get("/v1/status")
+    async def status(self, who: Principal = Depends(principal)):
+        """The model replicas this Router reaches: running / waiting sequences, KV-cache use, adapters loaded
+        (admin keys; several calls in flight at once, so Serve spreads them over the replicas)."""
+        self._admin(who, "status")
+        seen = {s["replica"]: s for s in await asyncio.gather(*[self.llm.stats.remote() for _ in range(8)])}
+        return {"object": "list", "replicas": [seen[r] for r in sorted(seen)]}
 
     # ----- HTTP: adapter administration (admin keys only) -----
     def _admin(self, who: Principal, what: str) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.conftest import release_root_actors
+
 
 @pytest.fixture(scope="module")
 def default_client(ray_cluster, serve_app, tmp_path_factory):
@@ -17,6 +19,7 @@ def default_client(ray_cluster, serve_app, tmp_path_factory):
               route_prefix="/default")
     yield openai.OpenAI(base_url=f"{ray_cluster}/default/v1", api_key="unused", max_retries=0, timeout=120)
     serve.delete("default-model")
+    release_root_actors(args["storage_root"])
 
 
 def test_default_model_knows_the_capital_of_france(default_client):

@@ -15,7 +15,7 @@ from llmaas.deployments.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
-from tests.integration.conftest import assert_aborted_and_freed, engine_stats, wait_until
+from tests.integration.conftest import assert_aborted_and_freed, engine_stats, release_root_actors, wait_until
 
 MSG = [{"role": "user", "content": "hi"}]
 TOKENS = 1200  # tens of seconds per stream: still running when a replica is STOPPING (asserted)
@@ -78,6 +78,7 @@ def long_app(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
     yield cfg, f"{ray_cluster}/drain/v1/chat/completions"
     if "drain-app" in serve.status().applications:
         serve.delete("drain-app")
+    release_root_actors(cfg.storage_root)
 
 
 def test_client_hanging_up_on_a_non_streaming_request_frees_the_engine(long_app):

@@ -25,6 +25,7 @@ from llmaas.deployments.tokenizer import Tokenizer
 from tests.integration.test_finetuning_api import EXAMPLES, EXT, REVIEW, wait_for
 
 KEY = "sk-sealed-acme-0123456789abcdef0123"
+from tests.integration.conftest import release_root_actors
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def sealed(ray_cluster, app_args, tmp_path_factory):
                           cfg), name="sealed-app", route_prefix="/sealed")
     yield root, openai.OpenAI(base_url=f"{ray_cluster}/sealed/v1", api_key=KEY, max_retries=0)
     serve.delete("sealed-app")
+    release_root_actors(root)
 
 
 def raw_objects(root: str) -> dict[str, bytes]:

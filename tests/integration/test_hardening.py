@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from llmaas.deployments.builder import build_app
-from tests.integration.conftest import engine_stats, wait_until
+from tests.integration.conftest import engine_stats, release_root_actors, wait_until
 from tests.integration.test_metrics import metric_total
 
 KEYS = {"alice": "alice-secret-key-0001", "bob": "bobs-secret-key-00002", "admin": "admin-secret-key-0003",
@@ -35,6 +35,7 @@ def auth_url(ray_cluster, app_args, auth_storage):
     serve.run(build_app(args), name="auth-app", route_prefix="/auth")
     yield f"{ray_cluster}/auth"
     serve.delete("auth-app")
+    release_root_actors(auth_storage)
 
 
 def h(who: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from llmaas.deployments.config import AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
-from tests.integration.conftest import assert_aborted_and_freed, engine_stats
+from tests.integration.conftest import assert_aborted_and_freed, engine_stats, release_root_actors
 
 KEYS = {"trial": "trial-secret-key-0001", "paid": "paid-secret-key-00002", "fan": "fan-out-secret-key-003",
         "tok": "token-rate-secret-key-4", "quota": "quota-secret-key-00005", "ops": "ops-admin-secret-key-6"}
@@ -40,6 +40,7 @@ def limits_url(ray_cluster, app_args, tiny_long_chat_dir, tmp_path_factory):
     serve.run(app, name="limits-app", route_prefix="/limits")
     yield f"{ray_cluster}/limits"
     serve.delete("limits-app")
+    release_root_actors(cfg.storage_root)
 
 
 def h(who: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from ray import serve
 from llmaas.app.config import EngineSettings
 from llmaas.deployments.builder import build_app
 from llmaas.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.integration.conftest import engine_stats
+from tests.integration.conftest import engine_stats, release_root_actors
 from tests.models import make_peft_adapter
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
@@ -29,6 +29,7 @@ def quantized(ray_cluster, app_args, tiny_chat_dir, tmp_path_factory):
     serve.run(build_app(args), name=APP_NAME, route_prefix="/quant")
     yield f"{ray_cluster}/quant", args
     serve.delete(APP_NAME)
+    release_root_actors(args["storage_root"])
 
 
 def local_engine(args: dict, tiny_chat_dir) -> LLMEngine:

@@ -7,7 +7,7 @@ import pytest
 from ray import serve
 
 from llmaas.deployments.builder import build_app
-from tests.integration.conftest import engine_stats
+from tests.integration.conftest import engine_stats, release_root_actors
 from tests.integration.test_metrics import scrape
 from tests.models import make_peft_adapter
 
@@ -24,6 +24,7 @@ def cache_url(ray_cluster, app_args, tmp_path_factory):
     serve.run(build_app(args), name=APP, route_prefix="/cache")
     yield f"{ray_cluster}/cache"
     serve.delete(APP)
+    release_root_actors(args["storage_root"])
 
 
 def admitted() -> int:
