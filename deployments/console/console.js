@@ -75,6 +75,9 @@ function fillModels(select, keep, withNone = false) {
   const current = keep ?? select.value;
   select.replaceChildren(...(withNone ? [el("option", { value: "" }, "(none)")] : []),
     ...models.map((m) => el("option", { value: m.id }, m.alias_of ? `${m.id} → ${m.alias_of}` : m.id)));
+  if (keep && !models.some((m) => m.id === keep)) {
+    select.append(el("option", { value: keep }, keep));  // asked for by name (a job's new version, not listed yet)
+  }
   if ([...select.options].some((o) => o.value === current)) select.value = current;
 }
 

@@ -121,6 +121,7 @@ def shot(driver, name: str) -> None:
 def send(driver, model: str, prompt: str) -> None:
     from selenium.webdriver.support.ui import Select
 
+    wait(driver, lambda d: d.find_elements("css selector", f"#model-select option[value='{model}']"))
     Select(driver.find_element("id", "model-select")).select_by_value(model)
     box = driver.find_element("id", "prompt")
     box.clear()
@@ -142,6 +143,7 @@ def test_console_in_a_real_browser(console, browser, tmp_path):
     # playground: a streamed answer from the base model, then an adapter version side by side with the base
     send(driver, "base", "Say hello.")
     assert text(driver, "answer-a") and "first token" in text(driver, "stats-a")
+    wait(driver, lambda d: d.find_elements("css selector", "#compare-select option[value='base']"))
     Select(driver.find_element("id", "compare-select")).select_by_value("base")
     send(driver, "tone@2", "Say hello.")
     wait(driver, lambda d: "completion tokens" in text(d, "stats-b"))
@@ -186,8 +188,10 @@ def test_console_in_a_real_browser(console, browser, tmp_path):
     assert driver.find_elements("css selector", "#job-eval tbody tr")  # eval before / after
     shot(driver, "job")
     driver.find_element("id", "try-model").click()
-    wait(driver, lambda d: d.find_element("id", "page-playground").is_displayed())
-    assert Select(driver.find_element("id", "model-select")).first_selected_option.get_attribute("value") == "mood@1"
+    wait(driver, lambda d: d.find_element("id", "page-playground").is_displayed()
+         and d.execute_script("return document.getElementById('model-select').value") == "mood@1")
+    send(driver, "mood@1", "Say hello.")  # the new version answers
+    assert text(driver, "title-a") == "mood@1"
 
     # an admin promotes tone@1 -> tone@2 (with confirmation) and the alias moves on the page
     sign_in(driver, url, "ops")
