@@ -289,7 +289,8 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:
-        if config.open_storage().encrypted:  # an encrypted root is marked before anything is written to it
+        storage = config.open_storage()  # an encrypted root is marked before anything is written to it
+        if storage.encrypted:
             # uploads stay in memory (each at most max_upload_mb): Starlette would spool those over 1 MB to disk
             MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size,
                                                  int(config.max_upload_mb * (1 << 20)) + (1 << 20))
@@ -299,7 +300,7 @@ class Router:
                                  base_model_info(model.path, config.engine.max_lora_rank),
                                  (model.served_name, BASE_ALIAS), int(config.max_upload_mb * (1 << 20)),
                                  config.finetuning, config.max_jobs_per_tenant,
-                                 FileStore(config.storage_root, config.max_files_per_tenant,
+                                 FileStore(storage, config.max_files_per_tenant,
                                            int(config.max_file_mb_per_tenant * (1 << 20))),
                                  metering=config.usage_metering)
         self.catalog = ModelCatalog(model.served_name, model.max_model_len,

@@ -164,11 +164,12 @@ class Keyring:
 
     def rewrap(self, doc_key: str) -> bool:
         """Re-wraps one data-key object under the master key; False if it already is."""
-        record = json.loads(self.inner.read(doc_key))
+        doc = self.inner.read(doc_key)
+        record = json.loads(doc)
         if record.get("master_key_id") == self.master_id:
             return False
         tenant = record.get("tenant", "?")
-        self.inner.write(doc_key, self._wrap(tenant, self._unwrap(tenant, json.dumps(record).encode())))
+        self.inner.write(doc_key, self._wrap(tenant, self._unwrap(tenant, doc)))
         return True
 
 
@@ -255,8 +256,13 @@ class EncryptedStorage:
     def arrow_filesystem(self):
         import pyarrow.fs
 
+        handler = self.sealing_handler()
+        return pyarrow.fs.PyFileSystem(handler), self.inner.arrow_filesystem()[1]
+
+    def sealing_handler(self):
+        """The pyarrow filesystem handler over the clear backend's filesystem that seals as this view."""
         fs, root = self.inner.arrow_filesystem()
-        return pyarrow.fs.PyFileSystem(_sealing_fs_class()(fs, root.rstrip("/"), self)), root
+        return _sealing_fs_class()(fs, root.rstrip("/"), self)
 
 
 @functools.cache
@@ -356,9 +362,7 @@ def _reopen_sealing_fs(uri: str, tenant: str):
     storage = open_storage(uri)
     if not isinstance(storage, EncryptedStorage):
         raise EncryptionKeyError(f"{uri} is no longer marked encrypted")
-    storage = storage.for_tenant(tenant)
-    fs, root = storage.inner.arrow_filesystem()
-    return _sealing_fs_class()(fs, root.rstrip("/"), storage)
+    return storage.for_tenant(tenant).sealing_handler()
 
 
 class _SealOnClose(io.RawIOBase):

@@ -42,9 +42,13 @@ function show(page) {
 }
 
 // ----- key -----
+async function loadModels() {
+  models = (await api("/v1/models")).data;
+}
+
 async function signIn() {
   try {
-    models = (await api("/v1/models")).data;
+    await loadModels();
   } catch (err) {
     $("nav").hidden = true;
     show("key");
@@ -155,7 +159,7 @@ $("chat-form").addEventListener("submit", async (event) => {
 });
 
 async function playground(params) {
-  models = (await api("/v1/models")).data;  // a version made since the last look (a job's "try it" link)
+  await loadModels();  // a version made since the last look (a job's "try it" link)
   fillModels($("model-select"), params.get("model"));
   fillModels($("compare-select"), params.get("compare") ?? undefined, true);
   $("prompt").focus();
@@ -228,7 +232,7 @@ function actionsFor(row) {
 async function refreshModels() {
   let rows;
   try {
-    models = (await api("/v1/models")).data;
+    await loadModels();
     if (isAdmin !== false) {
       try {
         rows = registryRows(await api("/v1/adapters"));
