@@ -57,6 +57,11 @@ class EngineSettings(BaseModel):
         None, description="'tenant': prompts share cached KV blocks only within a tenant, so no tenant can time "
                           "another's prompts through cache hits; 'global': across tenants (more hits). Default: "
                           "tenant when API keys are configured, else global.")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="'triton': fused weights and Triton kernels (paged attention, fused norms, RoPE, "
+                            "multi-LoRA), the CUDA path, which needs block_size a power of two >= 16; 'torch': "
+                            "transformers' modules with a gathered attention, the CPU path. 'auto': triton on "
+                            "CUDA where triton is installed, torch elsewhere.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 
@@ -92,4 +97,5 @@ class EngineSettings(BaseModel):
             quant_group_size=self.quant_group_size,
             gguf_file=gguf_file,
             kernel_cache_file=kernel_cache_file,
+            attention_backend=self.attention_backend,
         )

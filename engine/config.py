@@ -7,6 +7,8 @@ import torch
 
 from .quantization import GROUP_SIZES, MODES
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # see EngineConfig.attention_backend
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -34,6 +36,9 @@ class EngineConfig:
     quant_group_size: int = 32  # int4 input features per scale/zero: 32 is llama.cpp's Q4 block (quality first)
     gguf_file: str | None = None  # int4 (group 32): take the projections' Q4_0/Q4_1 blocks from this file as they are
     kernel_cache_file: str | None = None  # where measured quantized-kernel choices are kept per machine (None: none)
+    # torch: transformers modules + gathered attention (the CPU path); triton: fused weights + Triton kernels (the
+    # CUDA path, engine/triton_model.py; block_size a power of two >= 16); auto: triton on CUDA, torch elsewhere
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
@@ -54,5 +59,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {MODES}, got {self.quantization!r}")
         if self.quant_group_size not in GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {GROUP_SIZES}, got {self.quant_group_size}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -16,7 +16,7 @@ from .config import EngineConfig
 from .gguf import load_int4_projections
 from .kernel_plan import Calibration, calibrate
 from .lora import AdapterError, AdapterWeights, check_fits, load_peft_adapter
-from .model import CausalLM
+from .model import build_model
 from .model_runner import ModelRunner, num_kv_blocks_for
 from .quantization import quantize_model
 from .sampler import TokenLogprob
@@ -66,7 +66,8 @@ class LLMEngine:
         self.quantized_bytes = quantize(hf_model, config)  # weight bytes the quantized projections hold
         hf_model = hf_model.to(dtype=config.dtype)
         model_limit = getattr(hf_model.config, "max_position_embeddings", config.max_model_len)
-        self.model = CausalLM(hf_model, min(config.max_model_len, model_limit))
+        self.model = build_model(hf_model, min(config.max_model_len, model_limit), config.attention_backend,
+                                 config.block_size)
         num_blocks = num_kv_blocks_for(config, self.model)
         self.max_model_len = min(config.max_model_len, model_limit, num_blocks * config.block_size)
         self.config = config

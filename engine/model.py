@@ -11,10 +11,12 @@ PagedAttention (Kwon et al., 2023), nano-vllm's flat-token model runner.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
-from .attention import AttentionMetadata, KVCache, paged_attention
+from .attention import AttentionMetadata, KVCache, build_metadata, paged_attention
 from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
 from .quantization import FUSED
 
@@ -72,6 +74,18 @@ class CausalLM(nn.Module):
         mods = {n: getattr(layer.self_attn, n) for n in ATTN_MODULES} | {n: getattr(layer.mlp, n) for n in MLP_MODULES}
         return {n: (m.in_features, m.out_features) for n, m in mods.items()}
 
+    def build_metadata(self, starts: list[int], num_new: list[int], block_tables: list[list[int]], block_size: int,
+                       device: torch.device | str) -> AttentionMetadata:
+        """The step's attention metadata (see ``attention.build_metadata``)."""
+        return build_metadata(starts, num_new, block_tables, block_size, device)
+
+    def prepare_lora(self, batch: LoRABatch, pool: LoRAPool | None, num_tokens: int,
+                     device: torch.device | str) -> LoRABatch:
+        """The step's adapter layout, as ``forward`` takes it."""
+        if pool is not None:
+            pool.prepare(batch, device)
+        return batch
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -126,3 +140,22 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
         return self.hf_model.lm_head(hidden).float()
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` -> ``triton`` on a CUDA device where triton is installed, else ``torch`` (one of
+    ``config.ATTENTION_BACKENDS``, validated by ``EngineConfig``)."""
+    if backend == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
+    return backend
+
+
+def build_model(hf_model: nn.Module, max_model_len: int, backend: str, block_size: int) -> CausalLM:
+    """The forward the engine runs: the CPU path (transformers modules, gathered attention) or the CUDA path
+    (fused weights, Triton kernels). The one place the two are chosen."""
+    if resolve_backend(backend, next(hf_model.parameters()).device) == "triton":
+        from .triton_model import TritonCausalLM  # triton is an optional dependency (CUDA builds, test extras)
+
+        return TritonCausalLM(hf_model, max_model_len, block_size)
+    return CausalLM(hf_model, max_model_len)

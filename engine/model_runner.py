@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from .attention import KVCache, build_metadata
+from .attention import KVCache
 from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
@@ -97,12 +97,10 @@ class ModelRunner:
                 last_token.append(len(ids) - 1)
         masks = {batch.seqs[r].request_id: self._mask(batch.seqs[r].guide)
                  for r in sample_rows if batch.seqs[r].guide is not None}  # each [V] logit mask, by sampling time
-        meta = build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
+        meta = self.model.build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
-        lora = LoRABatch(segments)
-        if self.lora_pool is not None:
-            self.lora_pool.prepare(lora, device)
+        lora = self.model.prepare_lora(LoRABatch(segments), self.lora_pool, len(ids), device)
         try:
             hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
         except BaseException:

@@ -56,23 +56,26 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate_heads(base, t, stride_t, stride_h, cos, sin, num_heads, i, i_mask, HALF: tl.constexpr,
+def _rotate_heads(src, dst, stride_src, stride_dst, cos, sin, num_heads, i, i_mask, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr):
+    """One token's heads, [H, D] rows at ``src`` (head stride ``stride_src``), rotated into ``dst``."""
     h = tl.arange(0, BLOCK_H)
     mask = (h < num_heads)[:, None] & i_mask[None, :]
-    first = base + t * stride_t + h[:, None] * stride_h + i[None, :]  # [H, half]: the first halves
+    first = src + h[:, None] * stride_src + i[None, :]  # [H, half]: the first halves
     x1 = tl.load(first, mask=mask, other=0.0)
     x2 = tl.load(first + HALF, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(first + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    out = dst + h[:, None] * stride_dst + i[None, :]
+    tl.store(out, (x1f * cos - x2f * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, (x2f * cos + x1f * sin).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_cs, stride_ch,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -80,8 +83,25 @@ def _rope_kernel(
     i_mask = i < HALF
     cos = tl.load(cos_ptr + pos * stride_cos + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, half]
     sin = tl.load(sin_ptr + pos * stride_cos + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, i, i_mask, HALF, BLOCK_H)
-    _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, i, i_mask, HALF, BLOCK_H)
+    q_row = q_ptr + t * stride_qt
+    _rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, NUM_Q_HEADS, i, i_mask, HALF, BLOCK_H)
+    k_row = k_ptr + t * stride_kt
+    if WRITE_CACHE:  # rotated k and v straight into the token's cache slot; the QKV buffer's k stays as it was
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        _rotate_heads(k_row, k_cache_ptr + slot * stride_cs, stride_kh, stride_ch, cos, sin, NUM_K_HEADS, i,
+                      i_mask, HALF, BLOCK_H)
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        mask = (h < NUM_K_HEADS)[:, None] & (d < 2 * HALF)[None, :]
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+        tl.store(v_cache_ptr + slot * stride_cs + h[:, None] * stride_ch + d[None, :], v, mask=mask)
+    else:
+        _rotate_heads(k_row, k_row, stride_kh, stride_kh, cos, sin, NUM_K_HEADS, i, i_mask, HALF, BLOCK_H)
+
+
+def _check_rows(*tensors: torch.Tensor) -> None:
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError("the RoPE kernel needs a contiguous last dimension")
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -91,17 +111,40 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     Args:
         q: Shape: [num_tokens, H, D] (may be a column view of a fused QKV output: any token/head strides).
         k: Shape: [num_tokens, kv_heads, D].
-        cos, sin: Shape: [max_len, D], rotate-half tables (second half = first half).
+        cos, sin: Shape: [max_len, D], rotate-half tables (second half = first half), one layout.
         positions: Shape: [num_tokens].
     """
+    _rope(q, k, None, cos, sin, positions, None, None, None)
+
+
+def rope_and_cache_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """``rope_`` on q in place; rotated k and v written to the cache (``k_cache[slot_mapping[t]] = rope(k[t])``,
+    ``v_cache[slot_mapping[t]] = v[t]``): one launch for what was RoPE plus two cache writes.
+
+    Args:
+        v: Shape: [num_tokens, kv_heads, D].
+        k_cache, v_cache: Shape: [slots, kv_heads, D] (this layer), contiguous.
+        slot_mapping: Shape: [num_tokens], each token's cache slot.
+    """
+    _rope(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+
+
+def _rope(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_q, head_dim = q.shape
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
-        raise ValueError("rope_ needs a contiguous last dimension and cos/sin of one layout")
+    write = k_cache is not None
+    _check_rows(q, k, cos, *((v, k_cache, v_cache) if write else ()))
+    if cos.stride() != sin.stride():
+        raise ValueError("cos and sin must share one layout")
     half = head_dim // 2
+    v, k_cache, v_cache, slot_mapping = (v, k_cache, v_cache, slot_mapping) if write else (k, k, k, positions)
     _rope_kernel[(num_tokens,)](
-        q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         NUM_Q_HEADS=num_q, NUM_K_HEADS=k.shape[1], HALF=half,
-        BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), BLOCK_HALF=triton.next_power_of_2(half))
+        BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), BLOCK_HALF=triton.next_power_of_2(half),
+        WRITE_CACHE=write)
 
 
 @triton.jit

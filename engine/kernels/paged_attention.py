@@ -61,13 +61,13 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [G, N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (short sequence) leaves l = 0: its weight is 0 below
@@ -191,14 +191,14 @@ def _prefill_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N]
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [M, N]
         s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a padding row with no key yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -68,7 +68,7 @@ def _shrink_kernel(
                         other=0.0)  # [M, K]
             a = tl.load(a_ptr + slot.to(tl.int64) * stride_as + r[None, :] * stride_ar + k[:, None],
                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)  # [K, R] = A[slot].T tile
-            acc += tl.dot(x, a)
+            acc += tl.dot(x, a, input_precision="ieee")
         tl.store(out_ptr + rows[:, None] * stride_ot + r[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & r_mask[None, :])
 
@@ -117,7 +117,7 @@ def _expand_kernel(
                      other=0.0)  # [M, R]
         b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + n[None, :] * stride_bo + r[:, None],
                     mask=n_mask[None, :] & r_mask[:, None], other=0.0)  # [R, N] = B[slot].T tile
-        delta = tl.dot(ax, b) * tl.load(scales_ptr + slot)  # [M, N]
+        delta = tl.dot(ax, b, input_precision="ieee") * tl.load(scales_ptr + slot)  # [M, N]
         y_off = rows[:, None] * stride_yt + col0 + n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         y = tl.load(y_ptr + y_off, mask=mask, other=0.0)

@@ -5,7 +5,9 @@ CUDA branches covered (grep "cuda" in deployments/ and app/):
 - ModelRunner: glibc heap tuning is CPU-only;
 - ModelRunner.add_generator / sampler.draw: a seeded request's generator lives on the device;
 - every tensor the step builds (attention metadata, LoRA segments, RoPE tables) is placed on the device;
-- app/config.EngineSettings: device "auto" picks cuda, dtype "auto" picks bfloat16 on cuda.
+- app/config.EngineSettings: device "auto" picks cuda, dtype "auto" picks bfloat16 on cuda;
+- model.build_model: attention_backend "auto" picks the Triton path on cuda (engine/triton_model.py); the
+  parity tests run both backends.
 
 Needs only torch, transformers and peft at import (the GPU image has no ray, pydantic or fastapi); the
 app-config test imports its module inside and skips where pydantic is missing. The sizing arithmetic also
@@ -54,7 +56,7 @@ def hf_model(path, dtype: torch.dtype, device: str = DEVICE):
 
 
 def make_engine(path, dtype: torch.dtype, device: str = DEVICE, **overrides) -> LLMEngine:
-    cfg = dict(max_model_len=256, num_kv_blocks=128, block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+    cfg = dict(max_model_len=256, num_kv_blocks=128, block_size=16, max_num_seqs=8, max_num_batched_tokens=256,
                dtype=dtype, device=device, max_loras=4, max_lora_rank=16)
     cfg.update(overrides)
     return LLMEngine(hf_model(path, torch.float32, "cpu"), EngineConfig(**cfg))
@@ -93,11 +95,15 @@ def assert_greedy_parity(models: list, batch: list[list[int]], ours: list[list[i
     assert top_picks >= BF16_AGREEMENT * total, f"only {top_picks} of {total} picks are HF's argmax"
 
 
+BACKENDS = ["triton", "torch"]  # the CUDA default first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @gpu
-def test_greedy_matches_hf_on_cuda(base_dir, dtype):
-    batch = prompts([3, 17, 40, 9])  # mixed lengths: padded prefill, chunk boundaries at block_size 4
-    engine = make_engine(base_dir, dtype)
+def test_greedy_matches_hf_on_cuda(base_dir, dtype, backend):
+    batch = prompts([3, 17, 40, 9])  # mixed lengths: ragged prefill, block boundaries at block_size 16
+    engine = make_engine(base_dir, dtype, attention_backend=backend)
     assert engine.model.cos.device.type == "cuda" and engine.runner.kv_cache.k.dtype == dtype
     got = engine.generate(batch, SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True))
     assert_greedy_parity([hf_model(base_dir, dtype)] * len(batch), batch, got, dtype)

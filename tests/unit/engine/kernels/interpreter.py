@@ -8,6 +8,8 @@ Interpreter bugs (Triton 3.6, see DESIGN.md) and what we do about them (``interp
 - Triton's own ``@triton.jit`` library functions (``tl.cdiv``, ``tl.sum``, ``tl.max``...) are compiled-mode
   objects once triton was imported without ``TRITON_INTERPRET`` (as here, by torch or the compile test), and
   refuse to be called from an interpreted kernel: they are run through the interpreter like our own.
+- a nested ``@triton.jit`` call patches ``triton.language`` for the interpreter and never restores it, which
+  breaks compiling kernels later in the same process: nested calls restore what they patched.
 - bf16 ``tl.dot`` multiplies the raw uint16 bits: the fix patches the interpreter's dot to widen
   bf16 operands to float32 first (exact: bf16 is the top half of a float32). The kernels already do every
   other bf16 computation in float32, which the GPU does too (bf16 elementwise arithmetic in the
@@ -62,10 +64,10 @@ def _as_float32(handle) -> np.ndarray:
 
 @contextlib.contextmanager
 def interpreter_fixes() -> Iterator[None]:
-    """Patches the interpreter's ``tl.dot`` to multiply bf16 operands as numbers, not bit patterns, and lets
-    interpreted kernels call compiled-mode library functions."""
+    """Patches the interpreter's ``tl.dot`` to multiply bf16 operands as numbers, not bit patterns, lets
+    interpreted kernels call compiled-mode library functions, and makes nested calls undo their patches."""
     builder = interpreter.InterpreterBuilder
-    original_dot, original_call = builder.create_dot, JITFunction.__call__
+    original_dot = builder.create_dot
     as_interpreted: dict[object, interpreter.InterpretedFunction] = {}
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
@@ -79,8 +81,22 @@ def interpreter_fixes() -> Iterator[None]:
             as_interpreted[self.fn] = interpreter.InterpretedFunction(self.fn)
         return as_interpreted[self.fn](*args, **kwargs)
 
-    builder.create_dot, JITFunction.__call__ = create_dot, call
+    def nested_call(self, *args, **kwargs):
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()
+
+    patched = [(builder, "create_dot", create_dot), (JITFunction, "__call__", call),
+               (interpreter.InterpretedFunction, "__call__", nested_call)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    for owner, name, value in patched:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        builder.create_dot, JITFunction.__call__ = original_dot, original_call
+        for owner, name, value in originals:
+            setattr(owner, name, value)

@@ -62,3 +62,27 @@ def test_silu_mul_of_fused_gate_up(dtype):
     gate_up = torch.randn(3, 2 * inter).to(dtype)
     want = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     torch.testing.assert_close(layers.silu_mul(gate_up, block=32), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_writes_rotated_k_and_v_into_their_slots(dtype):
+    heads, kv_heads, head_dim, slots = 4, 2, 32, 40
+    cfg = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=64)
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.empty(0), torch.arange(64)[None])
+    cos, sin = cos[0].to(dtype), sin[0].to(dtype)
+    positions, slot_mapping = torch.tensor([3, 4, 0]), torch.tensor([17, 18, 33])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q = qkv[:, :heads * head_dim].view(3, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(3, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(3, kv_heads, head_dim)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    want_q, want_k, k_before = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, k.clone()
+    k_cache = torch.zeros(slots, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros(slots, kv_heads, head_dim, dtype=dtype)
+    layers.rope_and_cache_(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+    torch.testing.assert_close(q, want_q, **TOL[dtype])
+    torch.testing.assert_close(k_cache[slot_mapping], want_k, **TOL[dtype])
+    assert torch.equal(v_cache[slot_mapping], v) and torch.equal(k, k_before)
+    others = torch.ones(slots, dtype=torch.bool).index_fill_(0, slot_mapping, False)
+    assert not k_cache[others].any() and not v_cache[others].any()  # no other slot written

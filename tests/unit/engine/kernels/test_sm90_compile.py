@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from llmaas.engine.kernels import layers, paged_attention, sgmv  # noqa: E402
 
+RUNS_IN_INTERPRETER = False  # compiled, not interpreted: no interpreter patches (conftest.py)
 H100 = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 227 * 1024  # per block on sm_90
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch keywords that are compile options, not constexprs
@@ -91,6 +92,10 @@ def launches(model: str):
         torch.empty(tokens, hidden, **meta), torch.empty(hidden, **meta), 1e-5, torch.empty(tokens, hidden, **meta))
     yield "rope", layers, "_rope_kernel", lambda: layers.rope_(
         q, k, torch.empty(4096, head_dim, **meta), torch.empty(4096, head_dim, **meta),
+        torch.empty(tokens, device="meta", dtype=torch.int64))
+    yield "rope + cache write", layers, "_rope_kernel", lambda: layers.rope_and_cache_(
+        q, k, k, torch.empty(4096, head_dim, **meta), torch.empty(4096, head_dim, **meta),
+        torch.empty(tokens, device="meta", dtype=torch.int64), k_cache, k_cache,
         torch.empty(tokens, device="meta", dtype=torch.int64))
     yield "silu*up", layers, "_silu_mul_kernel", lambda: layers.silu_mul(torch.empty(tokens, 2 * inter, **meta))
     yield "lora shrink", sgmv, "_shrink_kernel", lambda: sgmv.lora_shrink(

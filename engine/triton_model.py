@@ -1,0 +1,189 @@
+"""The CUDA path's forward: fused weights and Triton kernels over the same paged KV cache.
+
+Per layer a decode step runs 9 kernels with LoRA off (``benchmarks/op_count.py`` counts them): fused
+residual-add + RMSNorm, one QKV GEMM, RoPE with the K/V cache write, paged attention (+1 split-K merge for long
+contexts), the o_proj GEMM, add + RMSNorm, one gate_up GEMM, SiLU * up, the down GEMM. The CPU path
+(``model.CausalLM``) runs the transformers modules' own ops (~54 per layer) with a gathered attention.
+
+``CausalLM`` and this class share weights, RoPE tables and the KV cache layout, and answer the same two calls
+the model runner makes: ``build_metadata`` (the step's attention metadata) and ``prepare_lora`` (the step's
+adapter layout); ``model.build_model`` picks one by the engine's ``attention_backend``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kernels import layers, paged_attention, sgmv
+from .lora import GROUPS, LoRABatch, LoRAPool
+from .model import CausalLM
+from .quantization import FUSED
+
+QKV, GATE_UP = GROUPS
+
+
+@dataclass(slots=True)
+class KernelMetadata:
+    """Per-step tensors shared by every layer (device-side)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with block 0 (never read past seq_lens)
+    seq_lens: torch.Tensor  # [B] int32, tokens cached per sequence after this step
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, cumulative new tokens per sequence
+    max_query_len: int  # 1: a decode-only step (token b is sequence b)
+    num_splits: int  # split-K factor of decode attention
+
+
+def build_kernel_metadata(starts: list[int], num_new: list[int], block_tables: list[list[int]], block_size: int,
+                          device: torch.device | str, kv_heads: int, num_sms: int) -> KernelMetadata:
+    """The kernels' metadata for sequences whose new tokens sit at positions ``starts[i]:starts[i] + num_new[i]``
+    (argument meanings as ``attention.build_metadata``)."""
+    width = max(len(t) for t in block_tables)
+    slots = []
+    for start, num, table in zip(starts, num_new, block_tables):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + num)]
+    cu = [0]
+    for num in num_new:
+        cu.append(cu[-1] + num)
+    host = dict(dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    return KernelMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], **host).to(
+            device, non_blocking=True),
+        seq_lens=torch.tensor([s + n for s, n in zip(starts, num_new)], **host).to(device, non_blocking=True),
+        cu_seqlens_q=torch.tensor(cu, **host).to(device, non_blocking=True),
+        max_query_len=max(num_new),
+        num_splits=paged_attention.choose_num_splits(len(starts), kv_heads, width, num_sms),
+    )
+
+
+@dataclass(slots=True)
+class KernelLoRA:
+    """The step's adapters as the SGMV kernels take them."""
+
+    plan: sgmv.TokenPlan
+    scales: torch.Tensor  # [num_slots] float32, alpha / r per slot
+
+
+class TritonCausalLM(CausalLM):
+    """``CausalLM`` with fused QKV / gate_up weights and the Triton kernels (``engine/kernels``)."""
+
+    def __init__(self, hf_model: nn.Module, max_model_len: int, block_size: int) -> None:
+        super().__init__(hf_model, max_model_len)
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"the triton attention backend needs a power-of-two block_size >= 16, got {block_size}")
+        self.block_size = block_size
+        device = self.cos.device
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.qkv = [_fused(layer.self_attn, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                             layer.self_attn.v_proj), QKV) for layer in self.layers]
+        self.gate_up = [_fused(layer.mlp, (layer.mlp.gate_proj, layer.mlp.up_proj), GATE_UP) for layer in self.layers]
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
+        cfg = self.config
+        self.q_width = self.num_heads * self.head_dim
+        self.kv_width = self.num_kv_heads * self.head_dim
+        self.widths = {QKV: (self.q_width, self.kv_width, self.kv_width),
+                       GATE_UP: (cfg.intermediate_size, cfg.intermediate_size)}
+
+    def build_metadata(self, starts: list[int], num_new: list[int], block_tables: list[list[int]], block_size: int,
+                       device: torch.device | str) -> KernelMetadata:
+        return build_kernel_metadata(starts, num_new, block_tables, block_size, device, self.num_kv_heads,
+                                     self.num_sms)
+
+    def prepare_lora(self, batch: LoRABatch, pool: LoRAPool | None, num_tokens: int,
+                     device: torch.device | str) -> KernelLoRA | None:
+        """Per-token adapter slots from the batch's segments, grouped by slot on the device."""
+        if pool is None or not batch.segments:
+            return None
+        token_slots = [sgmv.NO_ADAPTER] * num_tokens
+        for start, end, slot in batch.segments:
+            token_slots[start:end] = [slot] * (end - start)
+        plan = sgmv.plan_tokens(torch.tensor(token_slots, dtype=torch.int32, device=device), len(pool.scale))
+        return KernelLoRA(plan, torch.tensor(pool.scale, dtype=torch.float32, device=device))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: KernelMetadata, kv_cache,
+                lora: KernelLoRA | None = None, pool: LoRAPool | None = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
+        t = input_ids.shape[0]
+        use_lora = lora is not None and pool is not None
+        residual = self.hf_model.model.embed_tokens(input_ids)  # [T, hidden], updated in place by add_rmsnorm
+        x = layers.add_rmsnorm(residual, self.layers[0].input_layernorm.weight, self.eps)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = self.qkv[i](x)  # [T, q + 2 kv]
+            if use_lora:
+                self._lora_group(qkv, x, i, QKV, lora, pool)
+            q = qkv[:, :self.q_width].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_width:self.q_width + self.kv_width].view(t, self.num_kv_heads, self.head_dim)
+            v = qkv[:, self.q_width + self.kv_width:].view(t, self.num_kv_heads, self.head_dim)
+            k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
+            layers.rope_and_cache_(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, meta.slot_mapping)
+            o = self._attention(q, k_cache, v_cache, meta).view(t, self.q_width)  # [T, H * D]
+            o = self._project(attn.o_proj, o, i, "o_proj", lora, pool)
+            x = layers.add_rmsnorm(o, layer.post_attention_layernorm.weight, self.eps, residual=residual)
+            gate_up = self.gate_up[i](x)  # [T, 2 * intermediate]
+            if use_lora:
+                self._lora_group(gate_up, x, i, GATE_UP, lora, pool)
+            down = self._project(mlp.down_proj, layers.silu_mul(gate_up), i, "down_proj", lora, pool)
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.hf_model.model.norm
+            x = layers.add_rmsnorm(down, norm.weight, self.eps, residual=residual)
+        return x
+
+    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: KernelMetadata) -> torch.Tensor:
+        if meta.max_query_len == 1:
+            return paged_attention.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                          self.scale, self.block_size, num_splits=meta.num_splits)
+        return paged_attention.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                                       meta.seq_lens, meta.max_query_len, self.scale,
+                                                       self.block_size)
+
+    @staticmethod
+    def _project(module: nn.Module, x: torch.Tensor, layer: int, name: str, lora: KernelLoRA | None,
+                 pool: LoRAPool | None) -> torch.Tensor:
+        y = module(x)
+        if lora is not None and pool is not None:
+            ax = sgmv.lora_shrink(x, pool.a[name][layer], lora.plan)
+            sgmv.lora_expand_(y, ax, pool.b[name][layer], lora.scales, lora.plan)
+        return y
+
+    def _lora_group(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: KernelLoRA,
+                    pool: LoRAPool) -> None:
+        """LoRA deltas of a projection group written into its fused output's columns: one shrink for the group
+        when the pool keeps its A stacked, one expand per module."""
+        stacked = pool.a_groups.get(modules)
+        ax = sgmv.lora_shrink(x, stacked[layer], lora.plan) if stacked is not None else None
+        col = 0
+        for j, (module, width) in enumerate(zip(modules, self.widths[modules])):
+            if stacked is not None:
+                sgmv.lora_expand_(y, ax, pool.b[module][layer], lora.scales, lora.plan, r0=j * pool.max_rank, col0=col)
+            else:
+                own = sgmv.lora_shrink(x, pool.a[module][layer], lora.plan)
+                sgmv.lora_expand_(y, own, pool.b[module][layer], lora.scales, lora.plan, col0=col)
+            col += width
+
+
+def _fused(owner: nn.Module, parts: tuple[nn.Linear, ...], group: tuple[str, ...]) -> nn.Module:
+    """One module computing the group's projections side by side: a quantized fused module when quantization
+    made one, else an ``nn.Linear`` over the concatenated weights, whose parts become views of it (no second
+    copy of the weights)."""
+    existing = getattr(owner, FUSED[group], None)
+    if existing is not None:
+        return existing
+    weight = torch.cat([p.weight for p in parts])  # [sum(out), in]
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    row = 0
+    for p in parts:
+        rows = p.weight.shape[0]
+        p.weight = nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if has_bias:
+            p.bias = nn.Parameter(fused.bias[row:row + rows], requires_grad=False)
+        row += rows
+    return fused
