@@ -39,6 +39,9 @@ class EngineConfig:
     # torch: transformers modules + gathered attention (the CPU path); triton: fused weights + Triton kernels (the
     # CUDA path, engine/triton_model.py; block_size a power of two >= 16); auto: triton on CUDA, torch elsewhere
     attention_backend: str = "auto"
+    # Decode steps replayed from CUDA graphs, one per padded batch size (engine/cuda_graphs.py). None: on for the
+    # triton backend on CUDA; True elsewhere needs the triton backend (tests replay on CPU with a stand-in)
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:

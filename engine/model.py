@@ -46,6 +46,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class CausalLM(nn.Module):
     """Flat-token forward over a transformers Llama-family model's modules."""
 
+    decode_graphs = False  # whether decode steps can be captured in CUDA graphs (the Triton path: cuda_graphs.py)
+
     def __init__(self, hf_model: nn.Module, max_model_len: int) -> None:
         super().__init__()
         check_supported(hf_model)

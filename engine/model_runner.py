@@ -50,6 +50,17 @@ class ModelRunner:
         self._masker = ThreadPoolExecutor(1, thread_name_prefix="llmaas-mask") if overlap else None
         self.lora_pool = LoRAPool(config.max_loras, config.max_lora_rank, model.num_layers,
                                   model.projection_shapes(), config.dtype, config.device) if config.max_loras else None
+        self.graphs = None
+        use_graphs = config.cuda_graphs
+        if use_graphs is None:
+            use_graphs = model.decode_graphs and torch.device(config.device).type == "cuda"
+        if use_graphs:
+            if not model.decode_graphs:
+                raise ValueError("cuda_graphs needs the triton attention backend")
+            from .cuda_graphs import DecodeGraphs  # imports triton, which only the CUDA path needs
+
+            self.graphs = DecodeGraphs(model, self.kv_cache, self.lora_pool, config.max_num_seqs,
+                                       -(-config.max_model_len // config.block_size))
 
     def load_lora(self, slot: int, adapter: AdapterWeights) -> None:
         assert self.lora_pool is not None
@@ -97,12 +108,8 @@ class ModelRunner:
                 last_token.append(len(ids) - 1)
         masks = {batch.seqs[r].request_id: self._mask(batch.seqs[r].guide)
                  for r in sample_rows if batch.seqs[r].guide is not None}  # each [V] logit mask, by sampling time
-        meta = self.model.build_metadata(starts, nums, [s.block_table for s in seqs], self.config.block_size, device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
-        lora = self.model.prepare_lora(LoRABatch(segments), self.lora_pool, len(ids), device)
         try:
-            hidden = self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)  # [T, hidden]
+            hidden = self._forward(seqs, starts, nums, ids, positions, segments)  # [T, hidden]
         except BaseException:
             wait(masks.values())  # no mask thread may still read a guide when the engine reacts to this
             raise
@@ -122,6 +129,19 @@ class ModelRunner:
         out, failures = self._sample_rows(batch, hidden[torch.tensor(last_token, device=device)], sample_rows,
                                           masks, check)
         return out, {**failures, **failed}
+
+    def _forward(self, seqs: list[Sequence], starts: list[int], nums: list[int], ids: list[int],
+                 positions: list[int], segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The model over the step's flat tokens: a captured decode graph when one fits, else eagerly."""
+        tables = [s.block_table for s in seqs]
+        if self.graphs is not None and max(nums) == 1 and self.graphs.bucket_for(len(seqs)) is not None:
+            return self.graphs.run(ids, positions, tables, [s.lora_slot for s in seqs], self.config.block_size)
+        device = self.config.device
+        meta = self.model.build_metadata(starts, nums, tables, self.config.block_size, device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
+        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
+        lora = self.model.prepare_lora(LoRABatch(segments), self.lora_pool, len(ids), device)
+        return self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)
 
     def _sample_rows(self, batch: ScheduledBatch, last_hidden: torch.Tensor, sample_rows: list[int],
                      masks: dict[str, Future[torch.Tensor]], check: Callable[[str, Sequence], None] | None

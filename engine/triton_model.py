@@ -70,6 +70,8 @@ class KernelLoRA:
 class TritonCausalLM(CausalLM):
     """``CausalLM`` with fused QKV / gate_up weights and the Triton kernels (``engine/kernels``)."""
 
+    decode_graphs = True  # a decode step has fixed shapes given fixed-width block tables (cuda_graphs.py)
+
     def __init__(self, hf_model: nn.Module, max_model_len: int, block_size: int) -> None:
         super().__init__(hf_model, max_model_len)
         if block_size < 16 or block_size & (block_size - 1):

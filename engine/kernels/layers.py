@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+PAD_SLOT_ID = -1  # slot_mapping entry of a padding row (a CUDA graph's bucket): no cache write
+PAD_SLOT = tl.constexpr(PAD_SLOT_ID)  # the same, as the kernels read it
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
@@ -88,13 +91,14 @@ def _rope_kernel(
     k_row = k_ptr + t * stride_kt
     if WRITE_CACHE:  # rotated k and v straight into the token's cache slot; the QKV buffer's k stays as it was
         slot = tl.load(slots_ptr + t).to(tl.int64)
-        _rotate_heads(k_row, k_cache_ptr + slot * stride_cs, stride_kh, stride_ch, cos, sin, NUM_K_HEADS, i,
-                      i_mask, HALF, BLOCK_H)
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, 2 * BLOCK_HALF)
-        mask = (h < NUM_K_HEADS)[:, None] & (d < 2 * HALF)[None, :]
-        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
-        tl.store(v_cache_ptr + slot * stride_cs + h[:, None] * stride_ch + d[None, :], v, mask=mask)
+        if slot != PAD_SLOT:  # a CUDA graph's padding row: nothing to keep
+            _rotate_heads(k_row, k_cache_ptr + slot * stride_cs, stride_kh, stride_ch, cos, sin, NUM_K_HEADS, i,
+                          i_mask, HALF, BLOCK_H)
+            h = tl.arange(0, BLOCK_H)
+            d = tl.arange(0, 2 * BLOCK_HALF)
+            mask = (h < NUM_K_HEADS)[:, None] & (d < 2 * HALF)[None, :]
+            v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+            tl.store(v_cache_ptr + slot * stride_cs + h[:, None] * stride_ch + d[None, :], v, mask=mask)
     else:
         _rotate_heads(k_row, k_row, stride_kh, stride_kh, cos, sin, NUM_K_HEADS, i, i_mask, HALF, BLOCK_H)
 
@@ -126,7 +130,7 @@ def rope_and_cache_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     Args:
         v: Shape: [num_tokens, kv_heads, D].
         k_cache, v_cache: Shape: [slots, kv_heads, D] (this layer), contiguous.
-        slot_mapping: Shape: [num_tokens], each token's cache slot.
+        slot_mapping: Shape: [num_tokens], each token's cache slot; ``PAD_SLOT`` (-1): write nothing.
     """
     _rope(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
 

@@ -14,3 +14,28 @@ def _interpreter_fixes(request):
 
     with interpreter_fixes():
         yield
+
+
+@pytest.fixture(scope="session")
+def _kernel_copies():
+    from .interpreter import interpreted
+
+    return {name: interpreted(name) for name in ("layers", "paged_attention", "sgmv")}
+
+
+@pytest.fixture
+def interpreted_kernels(_kernel_copies, monkeypatch):
+    """The CUDA path's forward (engine/triton_model.py) runs its kernels in the interpreter, on CPU tensors."""
+    from llmaas.engine import triton_model
+
+    for name, module in _kernel_copies.items():
+        monkeypatch.setattr(triton_model, name, module)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    from tests.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("triton") / "tiny"
+    tiny_llama(seed=0).save_pretrained(path, safe_serialization=True)
+    return path

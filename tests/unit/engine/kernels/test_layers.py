@@ -86,3 +86,12 @@ def test_rope_and_cache_writes_rotated_k_and_v_into_their_slots(dtype):
     assert torch.equal(v_cache[slot_mapping], v) and torch.equal(k, k_before)
     others = torch.ones(slots, dtype=torch.bool).index_fill_(0, slot_mapping, False)
     assert not k_cache[others].any() and not v_cache[others].any()  # no other slot written
+
+
+def test_rope_and_cache_skips_padding_rows():
+    q, k, v = (torch.randn(2, 2, 16) for _ in range(3))
+    cos, sin = torch.ones(8, 16), torch.zeros(8, 16)
+    k_cache, v_cache = torch.zeros(4, 2, 16), torch.zeros(4, 2, 16)
+    layers.rope_and_cache_(q, k, v, cos, sin, torch.tensor([1, 0]), k_cache, v_cache, torch.tensor([2, -1]))
+    assert torch.equal(k_cache[2], k[0]) and torch.equal(v_cache[2], v[0])
+    assert not k_cache[[0, 1, 3]].any() and not v_cache[[0, 1, 3]].any()

@@ -1,0 +1,148 @@
+"""Decode steps replayed from CUDA graphs: one graph per padded batch-size bucket (nano-vllm, vLLM).
+
+A decode step of the CUDA path is ~10 kernels per layer: at small batches the GPU waits on the CPU to launch
+them. Captured once per bucket, a step is one ``replay()``. A graph replays fixed addresses and shapes, so:
+
+- every input lives in one persistent device buffer (token ids, positions, cache slots, sequence lengths,
+  adapter slots, block tables at the widest the context allows), filled each step from a pinned host
+  buffer with ONE non-blocking copy; the graph reads views of it;
+- a step of n sequences runs the smallest bucket >= n; padding rows write no cache (``PAD_SLOT_ID``), read one
+  key and use no adapter, and their outputs are dropped;
+- the output is the graph's static tensor: consumed (logits, sampling) before the next replay;
+- the split-K factor is fixed per bucket, from the table width; LoRA runs in every graph when the engine has
+  adapter slots (rows without one cost a skipped program), grouping rows by slot on the device inside it.
+
+Prefill and mixed steps run eagerly. ``capture`` is injectable: tests replay with a stand-in on CPU.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from .kernels import paged_attention, sgmv
+from .kernels.layers import PAD_SLOT_ID
+from .lora import LoRAPool
+from .triton_model import KernelLoRA, KernelMetadata, TritonCausalLM
+
+FIELDS = ("ids", "positions", "slots", "seq_lens", "lora")  # per-row inputs, then the block tables
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes with a graph: 1, 2, 4, 8, then every 16 (nano-vllm's), up to ``max_num_seqs``."""
+    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    return small + list(range(16, max_num_seqs, 16)) + [max_num_seqs]
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Replayable, torch.Tensor]]
+
+
+class CudaGraphCapture:
+    """Captures a step into a ``torch.cuda.CUDAGraph``; all graphs share one memory pool (largest first)."""
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> tuple[Replayable, torch.Tensor]:
+        fn()  # warm-up: Triton compiles a kernel on its first launch, which a capture may not do
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        return graph, out
+
+
+class DecodeGraphs:
+    """Captured decode steps of a ``TritonCausalLM`` and the static buffers they read."""
+
+    def __init__(self, model: TritonCausalLM, kv_cache: Any, pool: LoRAPool | None, max_num_seqs: int,
+                 max_blocks: int, capture: Capture | None = None) -> None:
+        self.model, self.kv_cache, self.pool = model, kv_cache, pool
+        self.buckets = batch_buckets(max_num_seqs)
+        self.rows, self.width = self.buckets[-1], max_blocks
+        device = model.cos.device
+        size = len(FIELDS) * self.rows + self.rows * self.width
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")  # [size]
+        self.static = torch.zeros(size, dtype=torch.int64, device=device)  # [size], what the graphs read
+        self._host_views = self._views(self.host)
+        self._static_views = self._views(self.static)
+        self.scales = torch.zeros(len(pool.scale) if pool else 0, dtype=torch.float32, device=device)  # [slots]
+        self._scales_seen: list[float] = []
+        self._pad(0, self.rows)
+        self.static.copy_(self.host)
+        capture = capture or CudaGraphCapture()
+        self.graphs: dict[int, Replayable] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden], the graph's static output
+        for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+            self.graphs[bucket], self.outputs[bucket] = capture(self._step(bucket))
+        self.num_replays = 0
+
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = self.rows
+        views = {name: buf[i * n:(i + 1) * n] for i, name in enumerate(FIELDS)}  # each [rows]
+        views["tables"] = buf[len(FIELDS) * n:].view(n, self.width)  # [rows, max_blocks]
+        return views
+
+    def _step(self, bucket: int) -> Callable[[], torch.Tensor]:
+        v = self._static_views
+        meta = KernelMetadata(
+            slot_mapping=v["slots"][:bucket], block_tables=v["tables"][:bucket], seq_lens=v["seq_lens"][:bucket],
+            cu_seqlens_q=torch.arange(bucket + 1, dtype=torch.int32, device=self.static.device),
+            max_query_len=1, num_splits=paged_attention.choose_num_splits(
+                bucket, self.model.num_kv_heads, self.width, self.model.num_sms))
+        num_slots = len(self.pool.scale) if self.pool else 0
+
+        def step() -> torch.Tensor:
+            lora = KernelLoRA(sgmv.plan_tokens(v["lora"][:bucket], num_slots), self.scales) if self.pool else None
+            return self.model(v["ids"][:bucket], v["positions"][:bucket], meta, self.kv_cache, lora, self.pool)
+        return step
+
+    def _pad(self, start: int, end: int) -> None:
+        """Host rows [start, end) as padding: no cache write, one key read, no adapter."""
+        h = self._host_views
+        h["ids"][start:end] = 0
+        h["positions"][start:end] = 0
+        h["slots"][start:end] = PAD_SLOT_ID
+        h["seq_lens"][start:end] = 1
+        h["lora"][start:end] = sgmv.NO_ADAPTER
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest bucket holding ``num_seqs`` rows; None when the step is too big for any graph."""
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
+            lora_slots: list[int | None], block_size: int) -> torch.Tensor:
+        """One decode step (sequence i's new token ``ids[i]`` at ``positions[i]``). Returns [n, hidden], a view of
+        the graph's static output, valid until the next ``run``.
+
+        The host buffer is reused each step: the caller has synchronised on the previous step's result (its
+        sampled tokens), so its copy has landed.
+        """
+        n = len(ids)
+        bucket = self.bucket_for(n)
+        if bucket is None or max(len(t) for t in block_tables) > self.width:
+            raise ValueError(f"no decode graph for {n} sequences of up to {self.width} blocks")
+        h = self._host_views
+        h["ids"][:n] = torch.tensor(ids)
+        h["positions"][:n] = torch.tensor(positions)
+        h["slots"][:n] = torch.tensor([t[p // block_size] * block_size + p % block_size
+                                       for t, p in zip(block_tables, positions)])
+        h["seq_lens"][:n] = h["positions"][:n] + 1
+        h["lora"][:n] = torch.tensor([sgmv.NO_ADAPTER if slot is None else slot for slot in lora_slots])
+        rows = list(itertools.chain.from_iterable([i] * len(t) for i, t in enumerate(block_tables)))
+        cols = list(itertools.chain.from_iterable(range(len(t)) for t in block_tables))
+        h["tables"][rows, cols] = torch.tensor(list(itertools.chain.from_iterable(block_tables)))
+        self._pad(n, bucket)
+        self.static.copy_(self.host, non_blocking=True)  # the step's one host -> device copy
+        if self.pool is not None and self.pool.scale != self._scales_seen:  # only when adapters changed
+            self._scales_seen = list(self.pool.scale)
+            self.scales.copy_(torch.tensor(self._scales_seen, dtype=torch.float32))
+        self.graphs[bucket].replay()
+        self.num_replays += 1
+        return self.outputs[bucket][:n]
