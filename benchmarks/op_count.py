@@ -5,18 +5,20 @@ modules, gathered attention) against the CUDA path (fused weights, Triton kernel
     python -m benchmarks.op_count --loras 8                # with every sequence on one of 8 adapters
 
 A GPU step is launch-bound when it issues many small ops, so the count is what the CUDA path is judged by here
-(no GPU needed): the model runs on ``meta`` tensors (shapes only, no weights, nothing computed), every aten op
-that is not a view or an allocation is counted by a ``TorchDispatchMode``, and every Triton kernel launch is
-recorded instead of run and counted. Ops per layer = ops of an L-layer model - ops of an (L-1)-layer model.
-Host time: the step's metadata built from the scheduler's Python lists (``model.build_metadata``), best of N.
+(no GPU needed): the model runs on ``meta`` tensors (shapes only, no weights, nothing computed) and every op
+that is not a view or an allocation is counted by a ``TorchDispatchMode``: aten ops, and the Triton kernels'
+custom ops (``torch.ops.llmaas.*``, one launch each; a split-K decode attention, two). Ops per layer = ops of an
+L-layer model - ops of an (L-1)-layer model.
+Host time: the step's inputs built from the scheduler's Python lists, median over consecutive decode steps (the
+CPU path: attention metadata + input tensors; the CUDA path: its CUDA graphs' one input buffer, copied to the
+device in one go).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,34 +52,6 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def recorded_launches(counter: Counter[str]) -> Iterator[None]:
-    """Every Triton kernel of ``engine/kernels`` launch-counted instead of run (outputs stay unwritten)."""
-    from llmaas.engine.kernels import layers, paged_attention, sgmv
-
-    saved = []
-    for module in (layers, paged_attention, sgmv):
-        for name, obj in list(vars(module).items()):
-            if name.endswith("_kernel") and hasattr(obj, "arg_names"):
-                saved.append((module, name, obj))
-                setattr(module, name, _Launch(counter, name))
-    try:
-        yield
-    finally:
-        for module, name, obj in saved:
-            setattr(module, name, obj)
-
-
-class _Launch:
-    def __init__(self, counter: Counter[str], name: str) -> None:
-        self.counter, self.name = counter, name
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.counter["triton" + self.name] += 1
-        return launch
-
-
 def decode_step(num_layers: int, backend: str, num_seqs: int, context: int, loras: int
                 ) -> tuple[Counter[str], object, list[list[int]]]:
     """Ops of one decode step of ``num_seqs`` sequences with ``context`` tokens cached, on meta tensors."""
@@ -92,16 +66,14 @@ def decode_step(num_layers: int, backend: str, num_seqs: int, context: int, lora
     pool = LoRAPool(loras, BLOCK_SIZE, num_layers, model.projection_shapes(), torch.bfloat16, "meta") if loras else None
     per = -(-num_seqs // loras) if loras else 0
     segments = [(s, min(s + per, num_seqs), i) for i, s in enumerate(range(0, num_seqs, per))] if loras else []
-    ops: Counter[str] = Counter()
     counter = OpCounter()
-    with recorded_launches(ops), counter:
+    with counter:
         meta = model.build_metadata([context] * num_seqs, [1] * num_seqs, tables, BLOCK_SIZE, "meta")
         lora = model.prepare_lora(LoRABatch(segments), pool, num_seqs, "meta")
         before = Counter(counter.ops)  # metadata: host work, not counted as the forward's
         ids = torch.zeros(num_seqs, dtype=torch.long, device="meta")
         model(ids, torch.full((num_seqs,), context, device="meta"), meta, kv, lora, pool)
-    ops.update(counter.ops - before)
-    return ops, model, tables
+    return counter.ops - before, model, tables
 
 
 def ops_per_layer(backend: str, num_seqs: int, context: int, loras: int) -> tuple[int, Counter[str]]:
@@ -113,20 +85,42 @@ def ops_per_layer(backend: str, num_seqs: int, context: int, loras: int) -> tupl
     return sum(diff.values()), diff
 
 
-def host_prepare_ms(backend: str, num_seqs: int, context: int, repeats: int = 20) -> float:
-    """Best-of-N wall time of building one decode step's metadata from the scheduler's lists, on the CPU."""
+def host_prepare_ms(backend: str, num_seqs: int, context: int, steps: int = 32) -> float:
+    """Median wall time of turning the scheduler's lists into one decode step's inputs, on the host, over
+    ``steps`` consecutive steps (contexts staggered so that, as in a real batch, a sixteenth of the sequences
+    take a new block each step): the CPU path's metadata and input tensors; the CUDA path's CUDA-graph input
+    buffer (``DecodeGraphs.prepare``)."""
     cfg = LlamaConfig(**(LLAMA_3_2_1B | dict(num_hidden_layers=1)))
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg).eval()
-    model = build_model(hf, context + 64, backend, BLOCK_SIZE)
-    blocks = -(-(context + 1) // BLOCK_SIZE)
-    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(num_seqs)]
-    best = float("inf")
-    for _ in range(repeats):
+    model = build_model(hf, context + steps + 64, backend, BLOCK_SIZE)
+    width = -(-(context + steps + BLOCK_SIZE) // BLOCK_SIZE)
+    owned = [list(range(i * width, (i + 1) * width)) for i in range(num_seqs)]  # each sequence's blocks
+    ids, loras = [1] * num_seqs, [None] * num_seqs
+    if backend == "triton":
+        from llmaas.engine.cuda_graphs import DecodeGraphs  # the CUDA path's only: imports triton
+
+        kv = KVCache(1, 16, model.num_kv_heads, model.head_dim, torch.float32, "meta")
+        graphs = DecodeGraphs(model, kv, None, num_seqs, width, capture=lambda step: (None, None))
+
+        def prepare(positions: list[int], tables: list[list[int]]) -> None:
+            graphs.prepare(ids, positions, tables, loras, BLOCK_SIZE)
+    else:
+        def prepare(positions: list[int], tables: list[list[int]]) -> None:
+            model.build_metadata(positions, [1] * num_seqs, tables, BLOCK_SIZE, "cpu")
+            torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+    times = []
+    tables = [[] for _ in range(num_seqs)]
+    for step in range(steps + 1):
+        positions = [context + i % BLOCK_SIZE + step for i in range(num_seqs)]
+        for table, own, pos in zip(tables, owned, positions):  # the block manager appends a block when one fills
+            while len(table) <= pos // BLOCK_SIZE:
+                table.append(own[len(table)])
         start = time.perf_counter()
-        model.build_metadata([context] * num_seqs, [1] * num_seqs, tables, BLOCK_SIZE, "cpu")
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+        prepare(positions, tables)
+        if step:  # step 0 fills every row: a warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 def main() -> None:

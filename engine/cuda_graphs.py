@@ -16,7 +16,6 @@ Prefill and mixed steps run eagerly. ``capture`` is injectable: tests replay wit
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -71,6 +70,8 @@ class DecodeGraphs:
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")  # [size]
         self.static = torch.zeros(size, dtype=torch.int64, device=device)  # [size], what the graphs read
         self._host_views = self._views(self.host)
+        self._rows = self.host[:len(FIELDS) * self.rows].view(len(FIELDS), self.rows)  # [fields, rows]
+        self._written: list[list[int]] = [[] for _ in range(self.rows)]  # block table last written to each row
         self._static_views = self._views(self.static)
         self.scales = torch.zeros(len(pool.scale) if pool else 0, dtype=torch.float32, device=device)  # [slots]
         self._scales_seen: list[float] = []
@@ -119,7 +120,15 @@ class DecodeGraphs:
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
             lora_slots: list[int | None], block_size: int) -> torch.Tensor:
         """One decode step (sequence i's new token ``ids[i]`` at ``positions[i]``). Returns [n, hidden], a view of
-        the graph's static output, valid until the next ``run``.
+        the graph's static output, valid until the next ``run``."""
+        bucket = self.prepare(ids, positions, block_tables, lora_slots, block_size)
+        self.graphs[bucket].replay()
+        self.num_replays += 1
+        return self.outputs[bucket][:len(ids)]
+
+    def prepare(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
+                lora_slots: list[int | None], block_size: int) -> int:
+        """Fills the static inputs for a decode step and returns the bucket whose graph runs it.
 
         The host buffer is reused each step: the caller has synchronised on the previous step's result (its
         sampled tokens), so its copy has landed.
@@ -128,21 +137,18 @@ class DecodeGraphs:
         bucket = self.bucket_for(n)
         if bucket is None or max(len(t) for t in block_tables) > self.width:
             raise ValueError(f"no decode graph for {n} sequences of up to {self.width} blocks")
-        h = self._host_views
-        h["ids"][:n] = torch.tensor(ids)
-        h["positions"][:n] = torch.tensor(positions)
-        h["slots"][:n] = torch.tensor([t[p // block_size] * block_size + p % block_size
-                                       for t, p in zip(block_tables, positions)])
-        h["seq_lens"][:n] = h["positions"][:n] + 1
-        h["lora"][:n] = torch.tensor([sgmv.NO_ADAPTER if slot is None else slot for slot in lora_slots])
-        rows = list(itertools.chain.from_iterable([i] * len(t) for i, t in enumerate(block_tables)))
-        cols = list(itertools.chain.from_iterable(range(len(t)) for t in block_tables))
-        h["tables"][rows, cols] = torch.tensor(list(itertools.chain.from_iterable(block_tables)))
+        slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
+        loras = [sgmv.NO_ADAPTER if slot is None else slot for slot in lora_slots]
+        self._rows[[0, 1, 2, 4], :n] = torch.tensor([ids, positions, slots, loras])  # ids, positions, slots, lora
+        self._rows[3, :n] = self._rows[1, :n] + 1  # seq_lens
+        tables = self._host_views["tables"]
+        for i, table in enumerate(block_tables):  # a row is rewritten only when its table changed: a block is
+            if self._written[i] != table:  # appended every block_size tokens, so most rows keep theirs
+                tables[i, :len(table)] = torch.tensor(table)
+                self._written[i] = list(table)
         self._pad(n, bucket)
         self.static.copy_(self.host, non_blocking=True)  # the step's one host -> device copy
         if self.pool is not None and self.pool.scale != self._scales_seen:  # only when adapters changed
             self._scales_seen = list(self.pool.scale)
             self.scales.copy_(torch.tensor(self._scales_seen, dtype=torch.float32))
-        self.graphs[bucket].replay()
-        self.num_replays += 1
-        return self.outputs[bucket][:n]
+        return bucket

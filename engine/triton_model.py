@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import layers, paged_attention, sgmv
+from .kernels import paged_attention, sgmv
+from .kernels.ops import kernel_ops
 from .lora import GROUPS, LoRABatch, LoRAPool
 from .model import CausalLM
 from .quantization import FUSED
@@ -83,6 +84,7 @@ class TritonCausalLM(CausalLM):
                                              layer.self_attn.v_proj), QKV) for layer in self.layers]
         self.gate_up = [_fused(layer.mlp, (layer.mlp.gate_proj, layer.mlp.up_proj), GATE_UP) for layer in self.layers]
         self.eps = self.layers[0].input_layernorm.variance_epsilon
+        self.ops = kernel_ops()
         cfg = self.config
         self.q_width = self.num_heads * self.head_dim
         self.kv_width = self.num_kv_heads * self.head_dim
@@ -112,7 +114,7 @@ class TritonCausalLM(CausalLM):
         t = input_ids.shape[0]
         use_lora = lora is not None and pool is not None
         residual = self.hf_model.model.embed_tokens(input_ids)  # [T, hidden], updated in place by add_rmsnorm
-        x = layers.add_rmsnorm(residual, self.layers[0].input_layernorm.weight, self.eps)
+        x = self.ops.add_rmsnorm(residual, self.layers[0].input_layernorm.weight, self.eps, None)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = self.qkv[i](x)  # [T, q + 2 kv]
@@ -122,34 +124,31 @@ class TritonCausalLM(CausalLM):
             k = qkv[:, self.q_width:self.q_width + self.kv_width].view(t, self.num_kv_heads, self.head_dim)
             v = qkv[:, self.q_width + self.kv_width:].view(t, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
-            layers.rope_and_cache_(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, meta.slot_mapping)
+            self.ops.rope_and_cache(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, meta.slot_mapping)
             o = self._attention(q, k_cache, v_cache, meta).view(t, self.q_width)  # [T, H * D]
             o = self._project(attn.o_proj, o, i, "o_proj", lora, pool)
-            x = layers.add_rmsnorm(o, layer.post_attention_layernorm.weight, self.eps, residual=residual)
+            x = self.ops.add_rmsnorm(o, layer.post_attention_layernorm.weight, self.eps, residual)
             gate_up = self.gate_up[i](x)  # [T, 2 * intermediate]
             if use_lora:
                 self._lora_group(gate_up, x, i, GATE_UP, lora, pool)
-            down = self._project(mlp.down_proj, layers.silu_mul(gate_up), i, "down_proj", lora, pool)
+            down = self._project(mlp.down_proj, self.ops.silu_mul(gate_up), i, "down_proj", lora, pool)
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.hf_model.model.norm
-            x = layers.add_rmsnorm(down, norm.weight, self.eps, residual=residual)
+            x = self.ops.add_rmsnorm(down, norm.weight, self.eps, residual)
         return x
 
     def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    meta: KernelMetadata) -> torch.Tensor:
         if meta.max_query_len == 1:
-            return paged_attention.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                                          self.scale, self.block_size, num_splits=meta.num_splits)
-        return paged_attention.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-                                                       meta.seq_lens, meta.max_query_len, self.scale,
-                                                       self.block_size)
+            return self.ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                             self.block_size, meta.num_splits)
+        return self.ops.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
+                                          meta.max_query_len, self.scale, self.block_size)
 
-    @staticmethod
-    def _project(module: nn.Module, x: torch.Tensor, layer: int, name: str, lora: KernelLoRA | None,
+    def _project(self, module: nn.Module, x: torch.Tensor, layer: int, name: str, lora: KernelLoRA | None,
                  pool: LoRAPool | None) -> torch.Tensor:
         y = module(x)
         if lora is not None and pool is not None:
-            ax = sgmv.lora_shrink(x, pool.a[name][layer], lora.plan)
-            sgmv.lora_expand_(y, ax, pool.b[name][layer], lora.scales, lora.plan)
+            self._lora(y, self._shrink(x, pool.a[name][layer], lora), pool.b[name][layer], lora, 0, 0)
         return y
 
     def _lora_group(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: KernelLoRA,
@@ -157,15 +156,22 @@ class TritonCausalLM(CausalLM):
         """LoRA deltas of a projection group written into its fused output's columns: one shrink for the group
         when the pool keeps its A stacked, one expand per module."""
         stacked = pool.a_groups.get(modules)
-        ax = sgmv.lora_shrink(x, stacked[layer], lora.plan) if stacked is not None else None
+        ax = self._shrink(x, stacked[layer], lora) if stacked is not None else None
         col = 0
         for j, (module, width) in enumerate(zip(modules, self.widths[modules])):
             if stacked is not None:
-                sgmv.lora_expand_(y, ax, pool.b[module][layer], lora.scales, lora.plan, r0=j * pool.max_rank, col0=col)
+                self._lora(y, ax, pool.b[module][layer], lora, j * pool.max_rank, col)
             else:
-                own = sgmv.lora_shrink(x, pool.a[module][layer], lora.plan)
-                sgmv.lora_expand_(y, own, pool.b[module][layer], lora.scales, lora.plan, col0=col)
+                self._lora(y, self._shrink(x, pool.a[module][layer], lora), pool.b[module][layer], lora, 0, col)
             col += width
+
+    def _shrink(self, x: torch.Tensor, a: torch.Tensor, lora: KernelLoRA) -> torch.Tensor:
+        plan = lora.plan
+        return self.ops.lora_shrink(x, a, plan.order, plan.starts, plan.counts)
+
+    def _lora(self, y: torch.Tensor, ax: torch.Tensor, b: torch.Tensor, lora: KernelLoRA, r0: int, col0: int) -> None:
+        plan = lora.plan
+        self.ops.lora_expand(y, ax, b, lora.scales, plan.order, plan.starts, plan.counts, r0, col0)
 
 
 def _fused(owner: nn.Module, parts: tuple[nn.Linear, ...], group: tuple[str, ...]) -> nn.Module:

@@ -25,11 +25,12 @@ def _kernel_copies():
 
 @pytest.fixture
 def interpreted_kernels(_kernel_copies, monkeypatch):
-    """The CUDA path's forward (engine/triton_model.py) runs its kernels in the interpreter, on CPU tensors."""
-    from llmaas.engine import triton_model
+    """The CUDA path's forward (engine/triton_model.py) runs its kernels in the interpreter, on CPU tensors: the
+    custom ops it calls (engine/kernels/ops.py) launch the interpreted copies."""
+    from llmaas.engine.kernels import ops
 
     for name, module in _kernel_copies.items():
-        monkeypatch.setattr(triton_model, name, module)
+        monkeypatch.setattr(ops, name, module)
 
 
 @pytest.fixture(scope="session")
