@@ -78,8 +78,8 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0 if body is not None else 1
 
 
-USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "training_tokens",
-                 "training_compute_s")
+USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "avg_latency_ms",
+                 "training_tokens", "training_compute_s")
 
 
 def run_usage(args: argparse.Namespace) -> int:

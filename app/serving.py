@@ -104,6 +104,7 @@ class Prepared:
     tools: ToolPlan | None = None  # chat with tools in play: how calls are read back from each choice
     tenant: str | None = None  # who is metered for it (None: no key, or a trusted handle caller)
     reserved_tokens: float = 0  # taken from the tenant's token rate budget at admission, settled when metered
+    started: float = field(default_factory=time.monotonic)  # when it was admitted: metered latency counts from here
 
     def most_tokens(self) -> int:
         """The most this request can use: its prompts (each once) plus every choice's max_tokens."""
@@ -125,8 +126,8 @@ class Meter(Protocol):
     """Records each answered request's usage (the Router's is the cluster's usage ledger). ``record`` submits at
     once (a cancelled caller's record is not lost) and returns what to await for it to be stored."""
 
-    def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0
-               ) -> Awaitable[None]: ...
+    def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0,
+               latency_s: float = 0.0) -> Awaitable[None]: ...
 
     def release(self, tenant: str | None, reserved_tokens: float) -> None:
         """A request that ends unmetered (it failed) gives its token reservation back."""
@@ -354,7 +355,8 @@ class OpenAIServing:
         it was asked for)."""
         if self.meter is not None:
             model = prep.choices[0].adapter or self.catalog.served_name if prep.choices else prep.model
-            await self.meter.record(prep.tenant, model, usage, prep.reserved_tokens)
+            await self.meter.record(prep.tenant, model, usage, prep.reserved_tokens,
+                                    latency_s=time.monotonic() - prep.started)
 
     def _unmetered(self, prep: Prepared) -> None:
         if self.meter is not None:

@@ -7,6 +7,8 @@
         --gen-tokens 128 --dtype bfloat16 --adapters 8                          # GPU, random weights
     python -m benchmarks.engine_throughput --suite gpu --tag h100              # every GPU target, one process
     python -m llmaas.benchmarks.engine_throughput --suite cpu-smoke            # its CPU rehearsal
+    TRITON_INTERPRET=1 python -m llmaas.benchmarks.engine_throughput --suite cpu-smoke \
+        --attention-backend triton --cuda-graphs                                # ... on the CUDA path's code
 
 Cases: ours (continuous batching, paged KV) vs HF ``generate()`` eager, batched and
 padded, same dtype; with --adapters N, ours with N distinct LoRA adapters mixed in one
@@ -101,7 +103,8 @@ def ours_side(model, prompts, args, loras=None, adapters=()) -> Callable[[int], 
                        max_num_batched_tokens=args.max_batched_tokens, dtype=DTYPES[args.dtype], device=args.device,
                        num_kv_blocks=(len(prompts) * (args.prompt_tokens + args.gen_tokens)) // 16 + 64,
                        max_loras=max(1, len(adapters)), max_lora_rank=args.lora_rank,
-                       quantization=args.quantization, gguf_file=gguf_file(args))
+                       quantization=args.quantization, gguf_file=gguf_file(args),
+                       attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs)
     engine = LLMEngine(model, cfg)
     for i, path in enumerate(adapters):
         engine.add_lora(f"a{i}", path)
@@ -246,6 +249,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--static-peer", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                    help="also measure HF static-cache (compiled) generate; default on with CUDA")
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="our engine's forward: auto = triton (fused weights, Triton kernels) on CUDA, torch on CPU; "
+                        "triton on CPU needs TRITON_INTERPRET=1 (Triton's interpreter: a rehearsal, not a speed)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps from captured graphs (default: on for triton on CUDA); on CPU a rehearsal "
+                        "replays the captured step eagerly")
     add_repeats(p)
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests of 16/8 tokens, 2 adapters")
     p.add_argument("--suite", choices=sorted(SUITES), default=None,

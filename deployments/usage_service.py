@@ -130,14 +130,16 @@ class UsageMeter:
             return None
         return await _answer(self.service.reserve_tokens.remote(self._limits_json, tenant, tokens))
 
-    def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0) -> Awaitable[None]:
+    def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0,
+               latency_s: float = 0.0) -> Awaitable[None]:
         cached = usage.prompt_tokens_details.cached_tokens
         if self.metrics is not None:
             self.metrics.on_usage(tenant, model, usage.prompt_tokens, usage.completion_tokens, cached)
         settle = (self._limits_json, tenant, reserved_tokens, usage.total_tokens) if reserved_tokens else None
         if self.metering:
             ref = self.service.record.remote(
-                [inference_record(tenant, model, usage.prompt_tokens, usage.completion_tokens, cached)], settle)
+                [inference_record(tenant, model, usage.prompt_tokens, usage.completion_tokens, cached,
+                                  latency_s=latency_s)], settle)
         elif settle is not None:
             ref = self.service.settle.remote(settle)
         else:

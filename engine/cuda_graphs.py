@@ -12,7 +12,8 @@ them. Captured once per bucket, a step is one ``replay()``. A graph replays fixe
 - the split-K factor is fixed per bucket, from the table width; LoRA runs in every graph when the engine has
   adapter slots (rows without one cost a skipped program), grouping rows by slot on the device inside it.
 
-Prefill and mixed steps run eagerly. ``capture`` is injectable: tests replay with a stand-in on CPU.
+Prefill and mixed steps run eagerly. Without CUDA (a CPU rehearsal, the tests) ``EagerReplay`` stands in for
+the graphs: the same buffers, buckets and static outputs, the step re-run at each replay.
 """
 from __future__ import annotations
 
@@ -57,6 +58,23 @@ class CudaGraphCapture:
         return graph, out
 
 
+class EagerReplay:
+    """Where there is no CUDA (a CPU rehearsal, the tests): ``replay()`` runs the captured step again over the
+    same static inputs and writes the captured output tensor, as a graph replay would."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
+        self.step, self.out, self.replays = step, out, 0
+
+    def replay(self) -> None:
+        self.out.copy_(self.step())
+        self.replays += 1
+
+
+def eager_capture(step: Callable[[], torch.Tensor]) -> tuple[EagerReplay, torch.Tensor]:
+    out = step()
+    return EagerReplay(step, out), out
+
+
 class DecodeGraphs:
     """Captured decode steps of a ``TritonCausalLM`` and the static buffers they read."""
 
@@ -77,7 +95,7 @@ class DecodeGraphs:
         self._scales_seen: list[float] = []
         self._pad(0, self.rows)
         self.static.copy_(self.host)
-        capture = capture or CudaGraphCapture()
+        capture = capture or (CudaGraphCapture() if device.type == "cuda" else eager_capture)
         self.graphs: dict[int, Replayable] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden], the graph's static output
         for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its memory

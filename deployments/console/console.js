@@ -249,7 +249,7 @@ async function refreshModels() {
   }
   $("models").tBodies[0].replaceChildren(...rows.map((r) => el("tr", { "data-model": r.id },
     el("td", {}, r.owner ? `${r.id} (${r.owner})` : r.id), el("td", { class: "serves" }, r.serves ?? ""),
-    el("td", {}, r.canary ? Object.entries(r.canary).map(([v, s]) => `${v} ${Math.round(s * 100)}%`).join(" ") : ""),
+    el("td", { class: "canary-share" }, r.canary ? Object.entries(r.canary).map(([v, s]) => `${v} ${Math.round(s * 100)}%`).join(" ") : ""),
     el("td", {}, metricsText(r.metrics)), actionsFor(r))));
 }
 
@@ -357,7 +357,8 @@ async function usage() {
     const rows = (await api("/v1/usage?group_by=tenant,model")).data;
     $("usage").tBodies[0].replaceChildren(...rows.map((r) => el("tr", {}, el("td", {}, r.tenant ?? ""),
       el("td", {}, r.model ?? ""), el("td", {}, r.requests), el("td", {}, r.prompt_tokens),
-      el("td", {}, r.completion_tokens), el("td", {}, r.cached_tokens ?? 0), el("td", {}, r.training_tokens ?? 0))));
+      el("td", {}, r.completion_tokens), el("td", {}, r.cached_tokens ?? 0), el("td", {}, r.avg_latency_ms ?? "–"),
+      el("td", {}, r.training_tokens ?? 0))));
     $("usage-error").textContent = "";
   } catch (err) {
     $("usage-error").textContent = err.message;

@@ -95,11 +95,36 @@ def sign_in(driver, url: str, who: str) -> None:
     wait(driver, lambda d: d.find_element("id", "page-playground").is_displayed())
 
 
-def rows(driver) -> dict[str, str]:
-    """The models table as the page shows it now: model -> what it serves (read in one go: the page redraws it
+def rows(driver, column: str = "serves") -> dict[str, str]:
+    """A column of the models table as the page shows it now, by model (read in one go: the page redraws it
     every second)."""
     return driver.execute_script("return Object.fromEntries([...document.querySelectorAll('#models tbody tr')]"
-                                 ".map(r => [r.dataset.model, r.querySelector('td.serves').textContent]))")
+                                 f".map(r => [r.dataset.model, r.querySelector('td.{column}').textContent]))")
+
+
+def confirmed(driver, css: str, change, answer: str | None = None) -> float:
+    """Activates a models-page button from the keyboard (Enter on it), answers its dialogs (a value for a prompt,
+    then OK), and returns the seconds until the table shows ``change``."""
+    from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+
+    for _ in range(20):
+        try:
+            driver.find_element("css selector", css).send_keys(Keys.ENTER)
+            break
+        except (StaleElementReferenceException, ElementNotInteractableException):  # redrawn as it was pressed
+            time.sleep(0.1)
+    else:
+        raise AssertionError(f"{css} could not be pressed")
+    if answer is not None:
+        dialog = wait(driver, expected_conditions.alert_is_present())
+        dialog.send_keys(answer)
+        dialog.accept()
+    wait(driver, expected_conditions.alert_is_present()).accept()
+    start = time.monotonic()
+    wait(driver, lambda d: change(d), 10)
+    return time.monotonic() - start
 
 
 def click(driver, css: str) -> None:
@@ -149,6 +174,11 @@ def test_console_in_a_real_browser(console, browser, tmp_path):
     wait(driver, lambda d: "completion tokens" in text(d, "stats-b"))
     assert text(driver, "title-a") == "tone@2" and text(driver, "title-b") == "base"
     shot(driver, "playground")
+    Select(driver.find_element("id", "compare-select")).select_by_value("")
+    driver.find_element("id", "json-mode").click()  # JSON mode: the grammar makes the answer a JSON object
+    send(driver, "base", "Describe a cat as JSON.")
+    assert text(driver, "answer-a").lstrip().startswith("{"), text(driver, "answer-a")
+    driver.find_element("id", "json-mode").click()
 
     # models: acme sees its own adapter and not bob's
     driver.get(f"{url}/ui/#models")
@@ -193,19 +223,41 @@ def test_console_in_a_real_browser(console, browser, tmp_path):
     send(driver, "mood@1", "Say hello.")  # the new version answers
     assert text(driver, "title-a") == "mood@1"
 
-    # an admin promotes tone@1 -> tone@2 (with confirmation) and the alias moves on the page
-    sign_in(driver, url, "ops")
-    driver.get(f"{url}/ui/#models")
-    wait(driver, lambda d: "tone" in rows(d))
+    # an admin, by keyboard: Tab to the Models link, Enter; then promote, canary, roll back and delete, each
+    # confirmed in its dialog and shown by the page
+    from selenium.webdriver.common.keys import Keys
+
+    sign_in(driver, url, "ops")  # focus lands in the message box; the nav is behind it
+    for _ in range(30):
+        if (driver.switch_to.active_element.get_attribute("href") or "").endswith("#models"):
+            break
+        driver.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(driver, lambda d: d.find_element("id", "page-models").is_displayed() and "tone" in rows(d))
     assert rows(driver)["tone"] == "tone@1"
-    click(driver, "button.promote[data-model='tone@2']")
-    driver.switch_to.alert.accept()
-    wait(driver, lambda d: rows(d).get("tone") == "tone@2", 10)
+    took = {"promote": confirmed(driver, "button.promote[data-model='tone@2']",
+                                 lambda d: rows(d).get("tone") == "tone@2")}
     assert any(m.startswith("secret") for m in rows(driver))  # the admin sees every tenant's adapters
+    took["canary"] = confirmed(driver, "button.canary[data-model='tone@1']",
+                               lambda d: "tone@1 25%" in rows(d, "canary-share").get("tone", ""), answer="0.25")
     shot(driver, "models")
+    took["rollback"] = confirmed(driver, "button.rollback[data-model='tone']",  # ends the canary
+                                 lambda d: rows(d, "canary-share").get("tone") == "")
+    # a change made elsewhere (the API, another admin) reaches the open page by itself
+    r = httpx.post(f"{url}/v1/adapters/tone/promote", headers={"Authorization": f"Bearer {KEYS['ops']}"},
+                   json={"version": 1}, timeout=30)
+    assert r.status_code == 200, r.text
+    start = time.monotonic()
+    wait(driver, lambda d: rows(d).get("tone") == "tone@1", 10)
+    took["change elsewhere"] = time.monotonic() - start
+    took["delete"] = confirmed(driver, "button.delete[data-model='tone@2']", lambda d: "tone@2" not in rows(d))
+    print("models page shows each change after (s):", {k: round(v, 2) for k, v in took.items()})
     driver.get(f"{url}/ui/#usage")
     wait(driver, lambda d: d.find_elements("css selector", "#usage tbody tr") and "replica" in text(d, "health"))
     assert "KV cache" in text(driver, "health")
+    latency = driver.execute_script("return [...document.querySelectorAll('#usage tbody tr')].map("
+                                    "r => r.children[5].textContent)")
+    assert any(cell.replace(".", "", 1).isdigit() and float(cell) > 0 for cell in latency), latency
     shot(driver, "usage")
 
     # a narrow window: nothing wider than the screen

@@ -51,10 +51,10 @@ class LedgerMeter:
         self.usages: list[Usage] = []
         self.released: list[tuple] = []
 
-    def record(self, tenant, model, usage: Usage, reserved_tokens: int = 0):
+    def record(self, tenant, model, usage: Usage, reserved_tokens: int = 0, latency_s: float = 0.0):
         self.usages.append(usage)
         self.ledger.add([inference_record(tenant, model, usage.prompt_tokens, usage.completion_tokens,
-                                          usage.prompt_tokens_details.cached_tokens)])
+                                          usage.prompt_tokens_details.cached_tokens, latency_s=latency_s)])
         return asyncio.sleep(0)
 
     def release(self, tenant, reserved_tokens):
@@ -145,6 +145,7 @@ def test_every_answer_is_metered_as_its_usage_says_and_a_left_stream_for_what_it
     assert totals["requests"] == len(meter.usages)
     assert totals["completion_tokens"] == sum(u.completion_tokens for u in meter.usages)
     assert totals["cached_tokens"] == sum(u.prompt_tokens_details.cached_tokens for u in meter.usages)
+    assert totals["latency_s"] > 0 and totals["avg_latency_ms"] > 0  # each metered with its end-to-end time
 
 
 def test_a_request_that_fails_gives_its_token_reservation_back_unmetered(serving, loop):

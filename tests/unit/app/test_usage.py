@@ -7,7 +7,7 @@ import pytest
 
 from llmaas.app.errors import InvalidRequest
 from llmaas.app.storage import LocalStorage
-from llmaas.app.usage import UsageLedger, inference_record, parse_group_by, parse_time, training_record
+from llmaas.app.usage import UsageLedger, UsageRecord, inference_record, parse_group_by, parse_time, training_record
 
 T0 = 1_700_000_000.0  # a minute boundary plus 20 s
 
@@ -25,7 +25,8 @@ def test_totals_are_exact_and_survive_a_new_ledger_on_the_same_storage(tmp_path)
     rows = {(r["tenant"], r["model"]): r for r in expected["data"]}
     assert rows[("a", "m@1")] | {} == {"object": "usage.result", "tenant": "a", "model": "m@1", "requests": 2,
                                        "prompt_tokens": 17, "completion_tokens": 7, "cached_tokens": 3,
-                                       "training_tokens": 0, "training_compute_s": 0.0, "total_tokens": 24}
+                                       "training_tokens": 0, "training_compute_s": 0.0, "total_tokens": 24,
+                                       "latency_s": 0.0, "avg_latency_ms": 0.0}
     assert rows[("a", "m@2")]["training_tokens"] == 1200 and rows[("a", "m@2")]["training_compute_s"] == 12.5
     assert rows[("a", "m@2")]["requests"] == 0
     assert expected["total"]["prompt_tokens"] == 21 and expected["total"]["requests"] == 3
@@ -112,3 +113,20 @@ def test_query_parameters_are_checked():
     assert parse_group_by("kind, model") == ("kind", "model")
     with pytest.raises(InvalidRequest):
         parse_group_by("tenant,secret")
+
+
+def test_latency_per_model_version_is_the_mean_of_its_requests_and_survives_a_reload(tmp_path):
+    ledger = UsageLedger(tmp_path)
+    ledger.add([inference_record("a", "tone@1", 5, 5, 0, t=T0, latency_s=0.2),
+                inference_record("b", "tone@1", 5, 5, 0, t=T0, latency_s=0.4),
+                inference_record("a", "tone@2", 5, 5, 0, t=T0, latency_s=1.0),
+                training_record("a", "tone@2", 50, 1.0, t=T0)])
+    ledger.commit()
+    for reader in (ledger, UsageLedger(tmp_path)):
+        rows = {r["model"]: r for r in reader.query(group_by=("model",))["data"]}
+        assert rows["tone@1"]["avg_latency_ms"] == 300.0 and rows["tone@1"]["latency_s"] == 0.6
+        assert rows["tone@2"]["avg_latency_ms"] == 1000.0  # the training record adds no request
+    assert UsageRecord.from_json('{"t": 1, "tenant": "a", "model": "m", "kind": "inference", "requests": 1}'
+                                 ).counts.latency_s == 0  # records from before latency was metered
+    by_kind = {r["kind"]: r for r in ledger.query(group_by=("kind",))["data"]}
+    assert by_kind["training"]["avg_latency_ms"] is None  # no requests: no latency to speak of

@@ -1,7 +1,7 @@
-"""Decode steps through captured graphs (engine/cuda_graphs.py), on CPU: a stand-in replays the captured step
-as a CUDA graph would (same static input buffers, output written into the tensor captured), with the kernels
-in Triton's interpreter. What is checked is ours: buckets, the one persistent input buffer and its padding
-rows, the static outputs, and that tokens equal the eager path's, adapters included."""
+"""Decode steps through captured graphs (engine/cuda_graphs.py), on CPU: ``EagerReplay`` stands in for a CUDA
+graph (the captured step re-run over the same static input buffers, its output written into the tensor
+captured), with the kernels in Triton's interpreter. What is checked is ours: buckets, the one persistent input
+buffer and its padding rows, the static outputs, and that tokens equal the eager path's, adapters included."""
 from __future__ import annotations
 
 import pytest
@@ -14,28 +14,6 @@ from tests.models import make_peft_adapter
 from .tiny_engine import make_engine, random_prompts
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
-
-
-class StandInGraph:
-    def __init__(self, step, out: torch.Tensor) -> None:
-        self.step, self.out, self.replays = step, out, 0
-
-    def replay(self) -> None:
-        self.out.copy_(self.step())
-        self.replays += 1
-
-
-class StandInCapture:
-    """Stands in for ``CudaGraphCapture``: the step runs once at capture, its output is the static tensor."""
-
-    def __call__(self, step):
-        out = step()
-        return StandInGraph(step, out), out
-
-
-@pytest.fixture(autouse=True)
-def _stand_in(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "CudaGraphCapture", StandInCapture)
 
 
 @pytest.mark.parametrize(("max_num_seqs", "want"), [
@@ -61,7 +39,7 @@ def test_decode_steps_replay_graphs_with_adapters_and_match_the_eager_path(tiny_
         results[graphs] = engine.generate(prompts, params, loras)
     assert results[True] == results[False]
     graphs = engine.runner.graphs
-    assert sorted(graphs.graphs) == [1, 2, 4]
+    assert sorted(graphs.graphs) == [1, 2, 4] and isinstance(graphs.graphs[4], cuda_graphs.EagerReplay)
     assert graphs.num_replays == sum(g.replays for g in graphs.graphs.values()) >= 4  # the decode-only steps
     assert graphs.graphs[4].replays >= 3  # three sequences, one padding row
     assert make_engine(tiny_base_dir, "triton").runner.graphs is None  # CPU: no graphs unless asked
