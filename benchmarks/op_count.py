@@ -36,6 +36,7 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                       original_max_position_embeddings=8192))
 NOT_COUNTED = ("empty", "new_empty", "empty_like", "empty_strided", "detach", "lift_fresh")  # no device work
 BLOCK_SIZE = 16
+RANK = 16  # adapters' rank (the slots' max_rank)
 
 
 class OpCounter(TorchDispatchMode):
@@ -63,7 +64,7 @@ def decode_step(num_layers: int, backend: str, num_seqs: int, context: int, lora
     tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(num_seqs)]
     kv = KVCache(num_layers, num_seqs * blocks * BLOCK_SIZE, model.num_kv_heads, model.head_dim, torch.bfloat16,
                  "meta")
-    pool = LoRAPool(loras, BLOCK_SIZE, num_layers, model.projection_shapes(), torch.bfloat16, "meta") if loras else None
+    pool = LoRAPool(loras, RANK, num_layers, model.projection_shapes(), torch.bfloat16, "meta") if loras else None
     per = -(-num_seqs // loras) if loras else 0
     segments = [(s, min(s + per, num_seqs), i) for i, s in enumerate(range(0, num_seqs, per))] if loras else []
     counter = OpCounter()

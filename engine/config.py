@@ -10,6 +10,11 @@ from .quantization import GROUP_SIZES, MODES
 ATTENTION_BACKENDS = ("auto", "torch", "triton")  # see EngineConfig.attention_backend
 
 
+def triton_block_size_ok(block_size: int) -> bool:
+    """The Triton kernels tile a KV block as one ``tl.dot`` operand: a power of two, at least 16."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Static engine settings, validated once in ``__post_init__``."""
@@ -65,5 +70,7 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend == "triton" and not triton_block_size_ok(self.block_size):
+            raise ValueError(f"attention_backend 'triton' needs block_size a power of two >= 16, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

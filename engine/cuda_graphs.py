@@ -3,9 +3,10 @@
 A decode step of the CUDA path is ~10 kernels per layer: at small batches the GPU waits on the CPU to launch
 them. Captured once per bucket, a step is one ``replay()``. A graph replays fixed addresses and shapes, so:
 
-- every input lives in one persistent device buffer (token ids, positions, cache slots, sequence lengths,
-  adapter slots, block tables at the widest the context allows), filled each step from a pinned host
-  buffer with ONE non-blocking copy; the graph reads views of it;
+- every input lives in one persistent int32 device buffer (token ids, positions, cache slots, sequence
+  lengths, adapter slots, block tables at the widest the context allows), filled each step from a pinned
+  host buffer with ONE non-blocking copy of the part the step's bucket reads; the graph reads views of it;
+  a table row is rewritten only when its sequence's table changed;
 - a step of n sequences runs the smallest bucket >= n; padding rows write no cache (``PAD_SLOT_ID``), read one
   key and use no adapter, and their outputs are dropped;
 - the output is the graph's static tensor: consumed (logits, sampling) before the next replay;
@@ -85,8 +86,11 @@ class DecodeGraphs:
         self.rows, self.width = self.buckets[-1], max_blocks
         device = model.cos.device
         size = len(FIELDS) * self.rows + self.rows * self.width
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")  # [size]
-        self.static = torch.zeros(size, dtype=torch.int64, device=device)  # [size], what the graphs read
+        # int32 (token ids, positions, slots and block ids all fit): half the bytes of each step's copy
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")  # [size]
+        self.static = torch.zeros(size, dtype=torch.int32, device=device)  # [size], what the graphs read
+        # the copy out of ``host`` is asynchronous: the next step waits for it before writing ``host`` again
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._host_views = self._views(self.host)
         self._rows = self.host[:len(FIELDS) * self.rows].view(len(FIELDS), self.rows)  # [fields, rows]
         self._written: list[list[int]] = [[] for _ in range(self.rows)]  # block table last written to each row
@@ -135,6 +139,10 @@ class DecodeGraphs:
         """The smallest bucket holding ``num_seqs`` rows; None when the step is too big for any graph."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
+    def fits(self, num_seqs: int, num_blocks: int) -> bool:
+        """Whether a decode step of ``num_seqs`` sequences of up to ``num_blocks`` blocks has a graph."""
+        return num_seqs <= self.rows and num_blocks <= self.width
+
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
             lora_slots: list[int | None], block_size: int) -> torch.Tensor:
         """One decode step (sequence i's new token ``ids[i]`` at ``positions[i]``). Returns [n, hidden], a view of
@@ -153,19 +161,24 @@ class DecodeGraphs:
         """
         n = len(ids)
         bucket = self.bucket_for(n)
-        if bucket is None or max(len(t) for t in block_tables) > self.width:
+        if bucket is None or not self.fits(n, max(len(t) for t in block_tables)):
             raise ValueError(f"no decode graph for {n} sequences of up to {self.width} blocks")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read ``host`` (usually long since)
         slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
         loras = [sgmv.NO_ADAPTER if slot is None else slot for slot in lora_slots]
-        self._rows[[0, 1, 2, 4], :n] = torch.tensor([ids, positions, slots, loras])  # ids, positions, slots, lora
+        self._rows[[0, 1, 2, 4], :n] = torch.tensor([ids, positions, slots, loras], dtype=torch.int32)  # 3: seq_lens
         self._rows[3, :n] = self._rows[1, :n] + 1  # seq_lens
         tables = self._host_views["tables"]
         for i, table in enumerate(block_tables):  # a row is rewritten only when its table changed: a block is
             if self._written[i] != table:  # appended every block_size tokens, so most rows keep theirs
-                tables[i, :len(table)] = torch.tensor(table)
+                tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
                 self._written[i] = list(table)
         self._pad(n, bucket)
-        self.static.copy_(self.host, non_blocking=True)  # the step's one host -> device copy
+        used = len(FIELDS) * self.rows + bucket * self.width  # the per-row fields, then the bucket's table rows
+        self.static[:used].copy_(self.host[:used], non_blocking=True)  # the step's one host -> device copy
+        if self._copied is not None:
+            self._copied.record()
         if self.pool is not None and self.pool.scale != self._scales_seen:  # only when adapters changed
             self._scales_seen = list(self.pool.scale)
             self.scales.copy_(torch.tensor(self._scales_seen, dtype=torch.float32))

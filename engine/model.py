@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMetadata, KVCache, build_metadata, paged_attention
+from .config import triton_block_size_ok
 from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
 from .quantization import FUSED
 
@@ -144,19 +145,20 @@ class CausalLM(nn.Module):
         return self.hf_model.lm_head(hidden).float()
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``auto`` -> ``triton`` on a CUDA device where triton is installed, else ``torch`` (one of
-    ``config.ATTENTION_BACKENDS``, validated by ``EngineConfig``)."""
+def resolve_backend(backend: str, device: torch.device | str, block_size: int) -> str:
+    """``auto`` -> ``triton`` on a CUDA device where triton is installed and the block size suits its kernels,
+    else ``torch`` (``backend`` is one of ``config.ATTENTION_BACKENDS``, validated by ``EngineConfig``)."""
     if backend == "auto":
         cuda = torch.device(device).type == "cuda"
-        return "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
+        usable = cuda and triton_block_size_ok(block_size) and importlib.util.find_spec("triton") is not None
+        return "triton" if usable else "torch"
     return backend
 
 
 def build_model(hf_model: nn.Module, max_model_len: int, backend: str, block_size: int) -> CausalLM:
     """The forward the engine runs: the CPU path (transformers modules, gathered attention) or the CUDA path
     (fused weights, Triton kernels). The one place the two are chosen."""
-    if resolve_backend(backend, next(hf_model.parameters()).device) == "triton":
+    if resolve_backend(backend, next(hf_model.parameters()).device, block_size) == "triton":
         from .triton_model import TritonCausalLM  # triton is an optional dependency (CUDA builds, test extras)
 
         return TritonCausalLM(hf_model, max_model_len, block_size)

@@ -59,8 +59,9 @@ class ModelRunner:
                 raise ValueError("cuda_graphs needs the triton attention backend")
             from .cuda_graphs import DecodeGraphs  # imports triton, which only the CUDA path needs
 
+            longest = min(config.max_model_len, model.cos.shape[0], num_blocks * config.block_size)  # tokens
             self.graphs = DecodeGraphs(model, self.kv_cache, self.lora_pool, config.max_num_seqs,
-                                       -(-config.max_model_len // config.block_size))
+                                       -(-longest // config.block_size))
 
     def load_lora(self, slot: int, adapter: AdapterWeights) -> None:
         assert self.lora_pool is not None
@@ -134,7 +135,7 @@ class ModelRunner:
                  positions: list[int], segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """The model over the step's flat tokens: a captured decode graph when one fits, else eagerly."""
         tables = [s.block_table for s in seqs]
-        if self.graphs is not None and max(nums) == 1 and self.graphs.bucket_for(len(seqs)) is not None:
+        if self.graphs is not None and max(nums) == 1 and self.graphs.fits(len(seqs), max(map(len, tables))):
             return self.graphs.run(ids, positions, tables, [s.lora_slot for s in seqs], self.config.block_size)
         device = self.config.device
         meta = self.model.build_metadata(starts, nums, tables, self.config.block_size, device)

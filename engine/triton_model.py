@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import triton_block_size_ok
 from .kernels import paged_attention, sgmv
 from .kernels.ops import kernel_ops
 from .lora import GROUPS, LoRABatch, LoRAPool
@@ -75,7 +76,7 @@ class TritonCausalLM(CausalLM):
 
     def __init__(self, hf_model: nn.Module, max_model_len: int, block_size: int) -> None:
         super().__init__(hf_model, max_model_len)
-        if block_size < 16 or block_size & (block_size - 1):
+        if not triton_block_size_ok(block_size):
             raise ValueError(f"the triton attention backend needs a power-of-two block_size >= 16, got {block_size}")
         self.block_size = block_size
         device = self.cos.device
@@ -174,16 +175,18 @@ class TritonCausalLM(CausalLM):
         self.ops.lora_expand(y, ax, b, lora.scales, plan.order, plan.starts, plan.counts, r0, col0)
 
 
-def _fused(owner: nn.Module, parts: tuple[nn.Linear, ...], group: tuple[str, ...]) -> nn.Module:
+def _fused(owner: nn.Module, parts: tuple[nn.Module, ...], group: tuple[str, ...]) -> nn.Module:
     """One module computing the group's projections side by side: a quantized fused module when quantization
     made one, else an ``nn.Linear`` over the concatenated weights, whose parts become views of it (no second
-    copy of the weights)."""
+    copy of the weights). Parts that are neither (quantized in different formats) run one by one."""
     existing = getattr(owner, FUSED[group], None)
     if existing is not None:
         return existing
+    if not all(isinstance(p, nn.Linear) for p in parts):
+        return _Concat(parts)
     weight = torch.cat([p.weight for p in parts])  # [sum(out), in]
     has_bias = parts[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")  # parameters set below
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
@@ -195,3 +198,14 @@ def _fused(owner: nn.Module, parts: tuple[nn.Linear, ...], group: tuple[str, ...
             p.bias = nn.Parameter(fused.bias[row:row + rows], requires_grad=False)
         row += rows
     return fused
+
+
+class _Concat(nn.Module):
+    """The parts' outputs side by side, as a fused module gives them: [T, sum(out)]."""
+
+    def __init__(self, parts: tuple[nn.Module, ...]) -> None:
+        super().__init__()
+        self.parts = list(parts)  # not registered: they belong to the model already
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)

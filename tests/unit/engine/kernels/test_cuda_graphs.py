@@ -27,7 +27,10 @@ def test_decode_steps_replay_graphs_with_adapters_and_match_the_eager_path(tiny_
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
-    paths = [make_peft_adapter(base, tmp_path / f"a{i}", seed=20 + i) for i in range(2)]
+    # distinct scales (alpha / r = 2 and, with rsLoRA, alpha / sqrt(r) ~ 5.7): a slot given the other's scale
+    # in the graphs' scales buffer changes tokens
+    paths = [make_peft_adapter(base, tmp_path / "a0", seed=20),
+             make_peft_adapter(base, tmp_path / "a1", seed=21, use_rslora=True)]
     prompts = random_prompts((4, 21, 9), seed=3)  # 3 sequences decode in the 4-row bucket: one padding row
     loras = ["a1", None, "a0"]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -97,6 +97,9 @@ def launches(model: str):
         q, k, k, torch.empty(4096, head_dim, **meta), torch.empty(4096, head_dim, **meta),
         torch.empty(tokens, device="meta", dtype=torch.int64), k_cache, k_cache,
         torch.empty(tokens, device="meta", dtype=torch.int64))
+    yield "rope + cache write (graph)", layers, "_rope_kernel", lambda: layers.rope_and_cache_(
+        q, k, k, torch.empty(4096, head_dim, **meta), torch.empty(4096, head_dim, **meta),
+        torch.empty(tokens, **i32), k_cache, k_cache, torch.empty(tokens, **i32))  # the graphs' int32 buffers
     yield "silu*up", layers, "_silu_mul_kernel", lambda: layers.silu_mul(torch.empty(tokens, 2 * inter, **meta))
     yield "lora shrink", sgmv, "_shrink_kernel", lambda: sgmv.lora_shrink(
         torch.empty(tokens, hidden, **meta), torch.empty(num_slots, 3 * rank, hidden, **meta), plan)
