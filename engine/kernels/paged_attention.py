@@ -25,6 +25,35 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _kv_block(k_ptr, v_ptr, table_row, blk, seq_len, kvh, stride_ks, stride_kh, n, d, d_mask,
+              BLOCK_SIZE: tl.constexpr):
+    """Block ``blk`` of a sequence's K/V, read through its block table row: k, v [N, D], their positions [N] and
+    which of those hold a key (< seq_len)."""
+    block_id = tl.load(table_row + blk).to(tl.int64)
+    pos = blk * BLOCK_SIZE + n
+    n_mask = pos < seq_len
+    kv_off = (block_id * BLOCK_SIZE + n)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    return tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0), tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0), \
+        pos, n_mask
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
+    """One KV block into the online softmax: scores q k^T (log2 units, pre-scaled), masked to ``visible``
+    [rows, N]; returns the new running max, sum and unnormalised output."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [rows, N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh, stride_os,
@@ -54,21 +83,9 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for blk in range(first, last):
-        block_id = tl.load(tables_ptr + b * stride_tb + blk).to(tl.int64)
-        pos = blk * BLOCK_SIZE + n
-        n_mask = pos < seq_len
-        kv_off = (block_id * BLOCK_SIZE + n)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [G, N], log2 units
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        k, v, pos, n_mask = _kv_block(k_ptr, v_ptr, tables_ptr + b * stride_tb, blk, seq_len, kvh, stride_ks,
+                                      stride_kh, n, d, d_mask, BLOCK_SIZE)
+        m_i, l_i, acc = _softmax_step(q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (short sequence) leaves l = 0: its weight is 0 below
     out = acc / l_safe[:, None]
@@ -184,22 +201,10 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for blk in range(0, num_blocks):
-        block_id = tl.load(tables_ptr + b * stride_tb + blk).to(tl.int64)
-        pos = blk * BLOCK_SIZE + n
-        n_mask = pos < seq_len
-        kv_off = (block_id * BLOCK_SIZE + n)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [M, N]
-        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a padding row with no key yet: keep exp2 finite
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        k, v, pos, n_mask = _kv_block(k_ptr, v_ptr, tables_ptr + b * stride_tb, blk, seq_len, kvh, stride_ks,
+                                      stride_kh, n, d, d_mask, BLOCK_SIZE)
+        causal = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])  # [M, N]
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],

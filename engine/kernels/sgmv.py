@@ -46,6 +46,14 @@ def plan_tokens(token_slots: torch.Tensor, num_slots: int) -> TokenPlan:
 
 
 @triton.jit
+def _slot_rows(order_ptr, starts_ptr, slot, tile, count, BLOCK_M: tl.constexpr):
+    """The token rows of one tile of ``slot``'s rows (grouped by ``plan_tokens``), and which of them are real."""
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < count
+    return tl.load(order_ptr + tl.load(starts_ptr + slot) + m, mask=m_mask, other=0).to(tl.int64), m_mask
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, n_in, n_r,
     stride_xt, stride_as, stride_ar, stride_ot,
@@ -55,9 +63,7 @@ def _shrink_kernel(
     slot = tl.program_id(1)
     count = tl.load(counts_ptr + slot)
     if tile * BLOCK_M < count:
-        m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + m, mask=m_mask, other=0).to(tl.int64)  # [M]
+        rows, m_mask = _slot_rows(order_ptr, starts_ptr, slot, tile, count, BLOCK_M)  # [M] each
         r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = r < n_r
         acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
@@ -106,9 +112,7 @@ def _expand_kernel(
     slot = tl.program_id(1)
     count = tl.load(counts_ptr + slot)
     if tile * BLOCK_M < count:
-        m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + m, mask=m_mask, other=0).to(tl.int64)  # [M]
+        rows, m_mask = _slot_rows(order_ptr, starts_ptr, slot, tile, count, BLOCK_M)  # [M] each
         n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < n_out
         r = tl.arange(0, BLOCK_R)
