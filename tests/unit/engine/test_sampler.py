@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmaas.engine.sampler import apply_top_k_top_p, sample
+from llmaas.engine.sampler import apply_top_k, apply_top_k_top_p, sample
 from llmaas.engine.sampling_params import SamplingParams
 
 
@@ -29,6 +30,38 @@ def test_top_k_keeps_exactly_k(k):
     assert (out > float("-inf")).sum(-1).tolist() == [k] * 4
     kept = out > float("-inf")
     assert torch.equal(kept, logits >= logits.topk(k, -1).values[:, -1:])
+
+
+@pytest.mark.parametrize("ks", [[1, 3, 10, 3], [5, 5, 5, 5]])
+def test_top_k_alone_keeps_what_the_sort_keeps_without_sorting(ks):
+    logits = logits_rows()
+    top_k = torch.tensor(ks)
+    want = apply_top_k_top_p(logits, top_k, torch.ones(4))
+    ops = OpNames()
+    with ops:
+        got = apply_top_k(logits, top_k, max(ks))
+    assert torch.equal(got, want)
+    assert "sort" not in ops.names and "topk" in ops.names
+
+
+def test_sampling_a_mixed_batch_reads_nothing_back_from_the_device():
+    """The sampled tokens are the step's only device -> host read: which filters run is decided on the host."""
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.2, min_p=0.1)]
+    ops = OpNames()
+    with ops:
+        sample(logits_rows(), params, [None] * 4)
+    assert not {"_local_scalar_dense", "is_nonzero", "item"} & ops.names, ops.names
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
