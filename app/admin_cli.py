@@ -92,9 +92,9 @@ def run_usage(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return 0
     keys = (["start_time"] if args.bucket else []) + body["group_by"]
-    rows = [[_cell(r.get(k)) for k in keys] + [_cell(r[c]) for c in USAGE_COLUMNS] for r in body["data"]]
-    rows.append(["total"] + [""] * (len(keys) - 1) + [_cell(body["total"][c]) for c in USAGE_COLUMNS]
-                if keys else [_cell(body["total"][c]) for c in USAGE_COLUMNS])
+    rows = [[_cell(r.get(k)) for k in keys] + [_cell(r.get(c)) for c in USAGE_COLUMNS] for r in body["data"]]
+    rows.append(["total"] + [""] * (len(keys) - 1) + [_cell(body["total"].get(c)) for c in USAGE_COLUMNS]
+                if keys else [_cell(body["total"].get(c)) for c in USAGE_COLUMNS])  # .get: an older server
     header = keys + list(USAGE_COLUMNS)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, *rows]:

@@ -104,7 +104,8 @@ class Prepared:
     tools: ToolPlan | None = None  # chat with tools in play: how calls are read back from each choice
     tenant: str | None = None  # who is metered for it (None: no key, or a trusted handle caller)
     reserved_tokens: float = 0  # taken from the tenant's token rate budget at admission, settled when metered
-    started: float = field(default_factory=time.monotonic)  # when it was admitted: metered latency counts from here
+    started: float = field(default_factory=time.monotonic)  # when preparing it began (tokenizing included): the
+    # metered latency counts from here
 
     def most_tokens(self) -> int:
         """The most this request can use: its prompts (each once) plus every choice's max_tokens."""
@@ -127,7 +128,7 @@ class Meter(Protocol):
     once (a cancelled caller's record is not lost) and returns what to await for it to be stored."""
 
     def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0,
-               latency_s: float = 0.0) -> Awaitable[None]: ...
+               latency_s: float | None = None) -> Awaitable[None]: ...
 
     def release(self, tenant: str | None, reserved_tokens: float) -> None:
         """A request that ends unmetered (it failed) gives its token reservation back."""
@@ -219,6 +220,7 @@ class OpenAIServing:
                               prompt_logprobs=req.prompt_logprobs_k())
 
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> Prepared:
+        started = time.monotonic()
         if len(req.messages) > self.limits.max_messages:
             raise InvalidRequest(f"at most {self.limits.max_messages} messages are allowed", param="messages")
         stops, adapter = self._check_common(req, tenant)
@@ -229,7 +231,7 @@ class OpenAIServing:
                                                 tools is None or tools.mode == "auto")
         salt = self._salt(tenant)
         return Prepared([PreparedChoice(i, prompt, self._params(req, prompt, i), adapter, salt, grammar)
-                         for i in range(req.n)], stops, adapter or req.model, tools, tenant)
+                         for i in range(req.n)], stops, adapter or req.model, tools, tenant, started=started)
 
     @staticmethod
     def _grammar(req: ChatCompletionRequest) -> tuple[str | None, ToolPlan | None]:
@@ -240,6 +242,7 @@ class OpenAIServing:
         return grammar_for(req.response_format), None
 
     async def prepare_completion(self, req: CompletionRequest, tenant: str | None = None) -> Prepared:
+        started = time.monotonic()
         texts = req.prompts()
         stops, adapter = self._check_common(req, tenant, num_prompts=len(texts))
         score_only = req.max_tokens == 0
@@ -255,7 +258,7 @@ class OpenAIServing:
             for _ in range(req.n):
                 choices.append(PreparedChoice(len(choices), prompt, self._params(req, prompt, len(choices)), adapter,
                                               self._salt(tenant), echo=echo, score_only=score_only))
-        return Prepared(choices, stops, adapter or req.model, tenant=tenant)
+        return Prepared(choices, stops, adapter or req.model, tenant=tenant, started=started)
 
     def _salt(self, tenant: str | None) -> str | None:
         return tenant if self.prefix_cache_per_tenant else None

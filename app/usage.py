@@ -40,7 +40,8 @@ class Counts:
     cached_tokens: int = 0
     training_tokens: int = 0
     training_compute_s: float = 0.0
-    latency_s: float = 0.0  # answered requests' end-to-end seconds, summed (per-version latency = this / requests)
+    latency_s: float = 0.0  # answered requests' end-to-end seconds, summed
+    timed_requests: int = 0  # requests that carry a latency (records from before it was metered do not)
 
     def add(self, other: Counts) -> None:
         for f in fields(Counts):
@@ -51,7 +52,7 @@ class Counts:
         out["total_tokens"] = self.prompt_tokens + self.completion_tokens
         out["training_compute_s"] = round(self.training_compute_s, 3)
         out["latency_s"] = round(self.latency_s, 3)
-        out["avg_latency_ms"] = round(1000 * self.latency_s / self.requests, 1) if self.requests else None
+        out["avg_latency_ms"] = round(1000 * self.latency_s / self.timed_requests, 1) if self.timed_requests else None
         return out
 
 
@@ -77,10 +78,12 @@ class UsageRecord:
 
 
 def inference_record(tenant: str | None, model: str, prompt_tokens: int, completion_tokens: int,
-                     cached_tokens: int, t: float | None = None, latency_s: float = 0.0) -> UsageRecord:
+                     cached_tokens: int, t: float | None = None, latency_s: float | None = None) -> UsageRecord:
+    """``latency_s``: the request's end-to-end seconds (a response-cache hit's too: it was answered that fast)."""
     return UsageRecord(time.time() if t is None else t, tenant, model, "inference",
                        Counts(requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              cached_tokens=cached_tokens, latency_s=latency_s))
+                              cached_tokens=cached_tokens, latency_s=latency_s or 0.0,
+                              timed_requests=int(latency_s is not None)))
 
 
 def training_record(tenant: str | None, model: str, training_tokens: int, compute_s: float,

@@ -131,7 +131,7 @@ class UsageMeter:
         return await _answer(self.service.reserve_tokens.remote(self._limits_json, tenant, tokens))
 
     def record(self, tenant: str | None, model: str, usage: Usage, reserved_tokens: float = 0,
-               latency_s: float = 0.0) -> Awaitable[None]:
+               latency_s: float | None = None) -> Awaitable[None]:
         cached = usage.prompt_tokens_details.cached_tokens
         if self.metrics is not None:
             self.metrics.on_usage(tenant, model, usage.prompt_tokens, usage.completion_tokens, cached)

@@ -12,7 +12,7 @@ from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
-from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, prompt_logprobs, sample
+from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, prompt_logprobs, sample, to_device
 from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -127,7 +127,7 @@ class ModelRunner:
             sample_rows, last_token = [r for r, _ in kept], [t for _, t in kept]
         if not sample_rows:
             return {}, failed
-        out, failures = self._sample_rows(batch, hidden[torch.tensor(last_token, device=device)], sample_rows,
+        out, failures = self._sample_rows(batch, hidden[to_device(last_token, device)], sample_rows,
                                           masks, check)
         return out, {**failures, **failed}
 
@@ -139,8 +139,8 @@ class ModelRunner:
             return self.graphs.run(ids, positions, tables, [s.lora_slot for s in seqs], self.config.block_size)
         device = self.config.device
         meta = self.model.build_metadata(starts, nums, tables, self.config.block_size, device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
+        input_ids = to_device(ids, device, torch.long)  # [T]
+        pos = to_device(positions, device, torch.long)  # [T]
         lora = self.model.prepare_lora(LoRABatch(segments), self.lora_pool, len(ids), device)
         return self.model(input_ids, pos, meta, self.kv_cache, lora, self.lora_pool)
 

@@ -57,10 +57,17 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.
     k-th stays (the sort-based path keeps exactly k; ties of float logits are rare).
 
     Args:
-        logits: Shape: [B, V]. top_k: Shape: [B], long, each in [1, max_k].
+        logits: Shape: [B, V]. top_k: Shape: [B], long; a row above ``max_k`` keeps everything.
     """
-    kth = logits.topk(max_k, dim=-1).values.gather(-1, top_k[:, None] - 1)  # [B, 1]
+    kth = logits.topk(max_k, dim=-1).values.gather(-1, top_k.clamp(max=max_k)[:, None] - 1)  # [B, 1]
+    kth = kth.masked_fill(top_k[:, None] > max_k, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def to_device(values: list, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device: ``torch.tensor(values,
+    device=cuda)`` copies synchronously, which blocks the host until the queued forward has run."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -146,16 +153,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     ks = [min(params[i].top_k or vocab, vocab) for i in rows]
     ps = [params[i].top_p for i in rows]
     min_ps = [params[i].min_p for i in rows]
-    idx = torch.tensor(rows, device=device)
-    temps = torch.tensor([params[i].temperature for i in rows], device=device)  # [R]
-    top_k = torch.tensor(ks, device=device)  # [R]
+    limited = [k for k in ks if k < vocab]
+    idx = to_device(rows, device)
+    temps = to_device([params[i].temperature for i in rows], device)  # [R]
+    top_k = to_device(ks, device)  # [R]
     scaled = logits[idx] / temps[:, None]  # [R, V]
     if any(p < 1.0 for p in ps):
-        scaled = apply_top_k_top_p(scaled, top_k, torch.tensor(ps, device=device))
-    elif max(ks) < vocab:
-        scaled = apply_top_k(scaled, top_k, max(ks))
+        scaled = apply_top_k_top_p(scaled, top_k, to_device(ps, device))
+    elif limited:
+        scaled = apply_top_k(scaled, top_k, max(limited))
     if any(m > 0 for m in min_ps):
-        scaled = apply_min_p(scaled, torch.tensor(min_ps, device=device))
+        scaled = apply_min_p(scaled, to_device(min_ps, device))
     probs = scaled.softmax(dim=-1)  # [R, V]
     tokens[idx] = draw(probs, [generators[i] for i in rows])
     return tokens

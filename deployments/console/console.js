@@ -183,6 +183,7 @@ async function adminAction(method, path, what, body) {
 }
 
 let isAdmin = null;  // known after the first models page: admins read the whole registry (/v1/adapters)
+let modelsDrawn = "";  // what the models table shows now (skips redraws that would change nothing)
 
 function registryRows(state) {
   const rows = models.filter((m) => !m.parent).map((m) => ({ id: m.id, kind: "base" }));
@@ -247,6 +248,10 @@ async function refreshModels() {
     $("models-error").textContent = err.message;
     return;
   }
+  // Redrawn only when something changed: a redraw every second would take keyboard focus off the buttons.
+  const drawn = JSON.stringify([isAdmin, rows]);
+  if (drawn === modelsDrawn) return;
+  modelsDrawn = drawn;
   $("models").tBodies[0].replaceChildren(...rows.map((r) => el("tr", { "data-model": r.id },
     el("td", {}, r.owner ? `${r.id} (${r.owner})` : r.id), el("td", { class: "serves" }, r.serves ?? ""),
     el("td", { class: "canary-share" }, r.canary ? Object.entries(r.canary).map(([v, s]) => `${v} ${Math.round(s * 100)}%`).join(" ") : ""),

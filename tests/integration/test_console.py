@@ -256,7 +256,7 @@ def test_console_in_a_real_browser(console, browser, tmp_path):
     wait(driver, lambda d: d.find_elements("css selector", "#usage tbody tr") and "replica" in text(d, "health"))
     assert "KV cache" in text(driver, "health")
     latency = driver.execute_script("return [...document.querySelectorAll('#usage tbody tr')].map("
-                                    "r => r.children[5].textContent)")
+                                    "r => r.children[6].textContent)")  # Avg latency (ms)
     assert any(cell.replace(".", "", 1).isdigit() and float(cell) > 0 for cell in latency), latency
     shot(driver, "usage")
 

@@ -51,7 +51,7 @@ class LedgerMeter:
         self.usages: list[Usage] = []
         self.released: list[tuple] = []
 
-    def record(self, tenant, model, usage: Usage, reserved_tokens: int = 0, latency_s: float = 0.0):
+    def record(self, tenant, model, usage: Usage, reserved_tokens: int = 0, latency_s: float | None = None):
         self.usages.append(usage)
         self.ledger.add([inference_record(tenant, model, usage.prompt_tokens, usage.completion_tokens,
                                           usage.prompt_tokens_details.cached_tokens, latency_s=latency_s)])

@@ -26,7 +26,7 @@ def test_totals_are_exact_and_survive_a_new_ledger_on_the_same_storage(tmp_path)
     assert rows[("a", "m@1")] | {} == {"object": "usage.result", "tenant": "a", "model": "m@1", "requests": 2,
                                        "prompt_tokens": 17, "completion_tokens": 7, "cached_tokens": 3,
                                        "training_tokens": 0, "training_compute_s": 0.0, "total_tokens": 24,
-                                       "latency_s": 0.0, "avg_latency_ms": 0.0}
+                                       "latency_s": 0.0, "timed_requests": 0, "avg_latency_ms": None}
     assert rows[("a", "m@2")]["training_tokens"] == 1200 and rows[("a", "m@2")]["training_compute_s"] == 12.5
     assert rows[("a", "m@2")]["requests"] == 0
     assert expected["total"]["prompt_tokens"] == 21 and expected["total"]["requests"] == 3
@@ -126,7 +126,10 @@ def test_latency_per_model_version_is_the_mean_of_its_requests_and_survives_a_re
         rows = {r["model"]: r for r in reader.query(group_by=("model",))["data"]}
         assert rows["tone@1"]["avg_latency_ms"] == 300.0 and rows["tone@1"]["latency_s"] == 0.6
         assert rows["tone@2"]["avg_latency_ms"] == 1000.0  # the training record adds no request
-    assert UsageRecord.from_json('{"t": 1, "tenant": "a", "model": "m", "kind": "inference", "requests": 1}'
-                                 ).counts.latency_s == 0  # records from before latency was metered
+    old = UsageRecord.from_json('{"t": 1, "tenant": "a", "model": "tone@1", "kind": "inference", "requests": 1}')
+    assert old.counts.timed_requests == 0  # a record from before latency was metered
+    ledger.add([old])
+    rows = {r["model"]: r for r in ledger.query(group_by=("model",))["data"]}
+    assert rows["tone@1"]["requests"] == 3 and rows["tone@1"]["avg_latency_ms"] == 300.0  # it does not lower it
     by_kind = {r["kind"]: r for r in ledger.query(group_by=("kind",))["data"]}
     assert by_kind["training"]["avg_latency_ms"] is None  # no requests: no latency to speak of

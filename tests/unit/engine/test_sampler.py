@@ -44,6 +44,16 @@ def test_top_k_alone_keeps_what_the_sort_keeps_without_sorting(ks):
     assert "sort" not in ops.names and "topk" in ops.names
 
 
+def test_top_k_holds_beside_rows_without_one():
+    """A top-k row sampled with a temperature-only row (no top-p anywhere: the topk path) stays in its top k."""
+    logits = logits_rows(rows=2)
+    params = [SamplingParams(temperature=1.5, top_k=3), SamplingParams(temperature=1.5)]
+    allowed = set(logits[0].topk(3).indices.tolist())
+    picks = [sample(logits.clone(), params, [None, None]) for _ in range(200)]
+    assert {int(p[0]) for p in picks} <= allowed
+    assert len({int(p[1]) for p in picks}) > 3  # the other row is not limited
+
+
 def test_sampling_a_mixed_batch_reads_nothing_back_from_the_device():
     """The sampled tokens are the step's only device -> host read: which filters run is decided on the host."""
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5),
