@@ -26,7 +26,7 @@ import torch
 from .kernels import paged_attention, sgmv
 from .kernels.layers import PAD_SLOT_ID
 from .lora import LoRAPool
-from .triton_model import KernelLoRA, KernelMetadata, TritonCausalLM
+from .triton_model import KernelLoRA, KernelMetadata, TritonCausalLM, cache_slot
 
 FIELDS = ("ids", "positions", "slots", "seq_lens", "lora")  # per-row inputs, then the block tables
 
@@ -165,7 +165,7 @@ class DecodeGraphs:
             raise ValueError(f"no decode graph for {n} sequences of up to {self.width} blocks")
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has read ``host`` (usually long since)
-        slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
+        slots = [cache_slot(t, p, block_size) for t, p in zip(block_tables, positions)]
         loras = [sgmv.NO_ADAPTER if slot is None else slot for slot in lora_slots]
         self._rows[[0, 1, 2, 4], :n] = torch.tensor([ids, positions, slots, loras], dtype=torch.int32)  # 3: seq_lens
         self._rows[3, :n] = self._rows[1, :n] + 1  # seq_lens

@@ -11,6 +11,7 @@ adapter layout); ``model.build_model`` picks one by the engine's ``attention_bac
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from .kernels.ops import kernel_ops
 from .lora import GROUPS, LoRABatch, LoRAPool
 from .model import CausalLM
 from .quantization import FUSED
+from .sampler import to_device
 
 QKV, GATE_UP = GROUPS
 
@@ -38,24 +40,23 @@ class KernelMetadata:
     num_splits: int  # split-K factor of decode attention
 
 
+def cache_slot(table: list[int], position: int, block_size: int) -> int:
+    """The KV-cache slot of a sequence's token at ``position``, through its block table."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 def build_kernel_metadata(starts: list[int], num_new: list[int], block_tables: list[list[int]], block_size: int,
                           device: torch.device | str, kv_heads: int, num_sms: int) -> KernelMetadata:
     """The kernels' metadata for sequences whose new tokens sit at positions ``starts[i]:starts[i] + num_new[i]``
     (argument meanings as ``attention.build_metadata``)."""
     width = max(len(t) for t in block_tables)
-    slots = []
-    for start, num, table in zip(starts, num_new, block_tables):
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + num)]
-    cu = [0]
-    for num in num_new:
-        cu.append(cu[-1] + num)
-    host = dict(dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    slots = [cache_slot(table, p, block_size)
+             for start, num, table in zip(starts, num_new, block_tables) for p in range(start, start + num)]
     return KernelMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], **host).to(
-            device, non_blocking=True),
-        seq_lens=torch.tensor([s + n for s, n in zip(starts, num_new)], **host).to(device, non_blocking=True),
-        cu_seqlens_q=torch.tensor(cu, **host).to(device, non_blocking=True),
+        slot_mapping=to_device(slots, device, torch.int64),
+        block_tables=to_device([t + [0] * (width - len(t)) for t in block_tables], device, torch.int32),
+        seq_lens=to_device([s + n for s, n in zip(starts, num_new)], device, torch.int32),
+        cu_seqlens_q=to_device([0, *itertools.accumulate(num_new)], device, torch.int32),
         max_query_len=max(num_new),
         num_splits=paged_attention.choose_num_splits(len(starts), kv_heads, width, num_sms),
     )
