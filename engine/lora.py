@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
@@ -98,7 +99,10 @@ def load_peft_adapter(path: str | Path | Mapping[str, bytes], name: str, num_lay
         raise AdapterError(f"{path}: rank {rank} is outside this engine's 1..max_lora_rank {max_rank}")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
-    tensors = load_file(str(raw_weights)) if isinstance(raw_weights, Path) else load_safetensors(raw_weights)
+    try:
+        tensors = load_file(str(raw_weights)) if isinstance(raw_weights, Path) else load_safetensors(raw_weights)
+    except SafetensorError as exc:  # damaged or truncated bytes: the adapter's fault, not the server's
+        raise AdapterError(f"{path}: adapter_model.safetensors cannot be read: {exc}") from None
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

@@ -12,7 +12,7 @@ from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
-from .sampler import TokenLogprob, compute_logprobs, pick_logprobs, prompt_logprobs, sample, to_device
+from .sampler import TokenLogprob, apply_penalties, compute_logprobs, pick_logprobs, prompt_logprobs, sample, to_device
 from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -50,6 +50,11 @@ class ModelRunner:
         self._masker = ThreadPoolExecutor(1, thread_name_prefix="llmaas-mask") if overlap else None
         self.lora_pool = LoRAPool(config.max_loras, config.max_lora_rank, model.num_layers,
                                   model.projection_shapes(), config.dtype, config.device) if config.max_loras else None
+        self.device_sampler = None
+        if model.decode_graphs:  # the CUDA path samples on the device too, in one launch
+            from .device_sampling import DeviceSampler  # imports triton, which only the CUDA path needs
+
+            self.device_sampler = DeviceSampler(config.max_num_seqs, config.device)
         self.graphs = None
         use_graphs = config.cuda_graphs
         if use_graphs is None:
@@ -68,13 +73,19 @@ class ModelRunner:
         self.lora_pool.write(slot, adapter)
 
     def add_generator(self, seq: Sequence) -> None:
-        if seq.params.seed is not None:
+        """A new request's random stream: its seed packed for the device sampler, or (CPU path) a generator
+        of its own when it has a seed."""
+        if self.device_sampler is not None:
+            self.device_sampler.add(seq)
+        elif seq.params.seed is not None:
             gen = torch.Generator(device=self.config.device)
             gen.manual_seed(seq.params.seed)
             self._generators[seq.request_id] = gen
 
     def drop_generator(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.device_sampler is not None:
+            self.device_sampler.drop(request_id)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, check: Callable[[str, Sequence], None] | None = None
@@ -214,7 +225,13 @@ class ModelRunner:
                 logits.add_(mask)
             else:
                 logits.index_add_(0, torch.tensor(guided, device=logits.device), mask)
-        tokens = sample(logits, params, [self._generators.get(s.request_id) for s in seqs],
-                        [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]).tolist()
+        prompts, outputs = [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]
+        if self.device_sampler is not None:
+            if any(p.penalized for p in params):
+                logits = apply_penalties(logits, params, prompts, outputs)
+            tokens = self.device_sampler.sample(logits, seqs).tolist()
+        else:
+            tokens = sample(logits, params, [self._generators.get(s.request_id) for s in seqs], prompts,
+                            outputs).tolist()
         picked = pick_logprobs(logprobs, tokens, params)
         return [(token, picked.get(j)) for j, token in enumerate(tokens)]

@@ -2,7 +2,8 @@
 
 Each row samples with its own parameters; a seeded row draws from its own
 ``torch.Generator`` so its tokens do not depend on which other requests share the
-batch. The categorical draw inverts each row's CDF with one uniform (see ``draw``).
+batch. The categorical draw inverts each row's CDF with one uniform (see ``draw``). This is the CPU path's
+sampler; the CUDA path samples in one device launch without sorting (``device_sampling.py``).
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,17 @@ def test_pickle_adapter_refused_and_never_unpickled(base, tmp_path):
     with pytest.raises(AdapterError, match="pickle"):
         engine_for(base).add_lora("evil", str(d))
     assert not os.path.exists(sentinel)
+
+
+def test_damaged_safetensors_are_refused_as_the_adapters_fault(base, tmp_path):
+    path = Path(make_adapter(base, tmp_path / "damaged", seed=3))
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])  # truncated: the header promises more than is there
+    with pytest.raises(AdapterError, match="cannot be read"):
+        engine_for(base).add_lora("damaged", str(path))
+    raw = {"adapter_config.json": (path / "adapter_config.json").read_bytes(), "adapter_model.safetensors": b"\0" * 64}
+    with pytest.raises(AdapterError, match="cannot be read"):  # bytes from object storage, as the server passes
+        engine_for(base).add_lora("damaged-bytes", raw)
 
 
 def test_rank_over_max_and_wrong_base_are_refused(base, tmp_path):

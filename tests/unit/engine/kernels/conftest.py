@@ -20,17 +20,22 @@ def _interpreter_fixes(request):
 def _kernel_copies():
     from .interpreter import interpreted
 
-    return {name: interpreted(name) for name in ("layers", "paged_attention", "sgmv")}
+    return {name: interpreted(name) for name in ("layers", "paged_attention", "sampling", "sgmv")}
 
 
 @pytest.fixture
 def interpreted_kernels(_kernel_copies, monkeypatch):
     """The CUDA path's forward (engine/triton_model.py) runs its kernels in the interpreter, on CPU tensors: the
-    custom ops it calls (engine/kernels/ops.py) launch the interpreted copies."""
+    custom ops it calls (engine/kernels/ops.py) and the device sampler (engine/device_sampling.py) launch the
+    interpreted copies."""
+    from llmaas.engine import device_sampling
     from llmaas.engine.kernels import ops
 
     for name, module in _kernel_copies.items():
-        monkeypatch.setattr(ops, name, module)
+        if name == "sampling":
+            monkeypatch.setattr(device_sampling, name, module)
+        else:
+            monkeypatch.setattr(ops, name, module)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="the Triton kernels need triton (t
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llmaas.engine.kernels import layers, paged_attention, sgmv  # noqa: E402
+from llmaas.engine.kernels import layers, paged_attention, sampling, sgmv  # noqa: E402
 
 RUNS_IN_INTERPRETER = False  # compiled, not interpreted: no interpreter patches (conftest.py)
 H100 = GPUTarget("cuda", 90, 32)
@@ -32,6 +32,7 @@ SHAPES = {  # (hidden, heads, kv_heads, head_dim, intermediate)
     "llama-3.2-1b": (2048, 32, 8, 64, 8192),
     "llama-3.1-8b": (4096, 32, 8, 128, 14336),
 }
+VOCAB = 128256  # both models'
 
 
 class Recorder:
@@ -105,6 +106,8 @@ def launches(model: str):
         torch.empty(tokens, hidden, **meta), torch.empty(num_slots, 3 * rank, hidden, **meta), plan)
     yield "lora expand", sgmv, "_expand_kernel", lambda: sgmv.lora_expand_(
         qkv, ax, torch.empty(num_slots, heads * head_dim, rank, **meta), torch.empty(num_slots, device="meta"), plan)
+    yield "sampling", sampling, "_sample_kernel", lambda: sampling.sample_rows(
+        torch.empty(batch, VOCAB, device="meta"), torch.empty(len(sampling.PARAMS), batch, **i32))
 
 
 CASES = [(model, name) for model in SHAPES for name, *_ in launches(model)]
@@ -133,7 +136,8 @@ def test_kernel_compiles_for_sm90_without_spills(model, name, monkeypatch):
 
 def test_compile_test_covers_every_kernel():
     kernels = {(mod.__name__, k) for model in SHAPES for _, mod, k, _ in launches(model)}
-    defined = {(mod.__name__, name) for mod in (layers, paged_attention, sgmv) for name, obj in vars(mod).items()
+    defined = {(mod.__name__, name) for mod in (layers, paged_attention, sampling, sgmv)
+               for name, obj in vars(mod).items()
                if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
     assert defined == kernels
 

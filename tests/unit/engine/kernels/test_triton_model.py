@@ -50,3 +50,40 @@ def test_lora_rows_beside_base_rows_match_the_cpu_path(tiny_base_dir, tmp_path):
     want, got = results
     assert got == want
     assert want != make_engine(tiny_base_dir, "torch").generate(prompts, params)  # the adapters change the tokens
+
+
+def test_seeded_sampling_on_the_device_ignores_batch_mates_and_sorts_nothing(tiny_base_dir):
+    """The CUDA path samples in the device kernel: a seeded request gets the same tokens alone and beside
+    other requests, and its top-p/top-k rows sort nothing (the CPU path's do)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    prompts = random_prompts((5, 9, 12), seed=3)
+    seeded = SamplingParams(max_tokens=NUM_NEW, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
+    others = [SamplingParams(max_tokens=NUM_NEW, temperature=0.7, top_p=0.8, ignore_eos=True),
+              SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)]
+    engine = make_engine(tiny_base_dir, "triton")
+    assert engine.runner.device_sampler is not None
+    alone = engine.generate(prompts[:1], seeded)
+    with Ops() as ops:
+        together = engine.generate(prompts, [seeded, *others])
+    assert together[0] == alone[0]
+    assert together[2] == make_engine(tiny_base_dir, "torch").generate(prompts[2:], others[1])[0]  # greedy row
+    assert make_engine(tiny_base_dir, "triton").generate(prompts[:1], seeded) == alone  # another engine
+    assert engine.generate(prompts[:1], SamplingParams(**{**_fields(seeded), "seed": 99})) != alone
+    assert "sort" not in ops.names and "cumsum" not in ops.names
+    with Ops() as cpu_ops:
+        make_engine(tiny_base_dir, "torch").generate(prompts, [seeded, *others])
+    assert "sort" in cpu_ops.names  # the check sees a sort where there is one
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {name: getattr(params, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")}
