@@ -13,7 +13,7 @@ A request without a seed gets a random one when it arrives. (The CPU path draws 
 """
 from __future__ import annotations
 
-import random
+import secrets
 import struct
 
 import torch
@@ -49,12 +49,13 @@ class DeviceSampler:
         self.host = torch.zeros(len(sampling.PARAMS), rows, dtype=torch.int32, pin_memory=cuda)  # [7, rows]
         self.static = torch.zeros(len(sampling.PARAMS), rows, dtype=torch.int32, device=self.device)
         self.tokens = torch.zeros(rows, dtype=torch.int32, device=self.device)  # [rows], the kernel's output
+        self.rounds = torch.zeros(rows, dtype=torch.int32, device=self.device)  # [rows], its rounds per row
         self._copied = torch.cuda.Event() if cuda else None  # the next step waits for the copy out of ``host``
         self._columns: list[str] = []  # the request whose parameters each host column holds
 
     def add(self, seq: Sequence) -> tuple[int, ...]:
         """Packs a new request's parameters (with a random seed when it has none); returns its columns."""
-        seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(64)
+        seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(64)
         packed = self._packed[seq.request_id] = pack(seq.params, seed)
         if seq.request_id in self._columns:  # a request id used again: its old columns are stale
             self._columns = []
@@ -82,4 +83,4 @@ class DeviceSampler:
         self.static.copy_(self.host, non_blocking=True)  # the step's one host -> device copy (7 x rows int32)
         if self._copied is not None:
             self._copied.record()
-        return sampling.sample_rows(logits, self.static, self.tokens[:n])
+        return sampling.sample_rows(logits, self.static, self.tokens[:n], self.rounds[:n])

@@ -19,8 +19,11 @@ by rejection with two pivots (FlashInfer's sorting-free sampling, Ye et al., 202
 An accepted draw is a draw from the kept tokens in proportion to their probability (the tokens above ``low``
 always include them), so the result is the filtered distribution exactly. Rounds are few when the kept set
 holds most of the mass (top-p 0.9: the first draw is kept 90% of the time); ``MAX_ROUNDS`` bounds a row, which
-then takes its top token (the kept set's surest member). A row with temperature 0 takes the top token (the
-first on ties, as ``argmax``) and reads the vocabulary once.
+then takes its top token (the kept set's surest member; ``rounds`` reports how many each row took). A row with
+temperature 0 takes the top token (the first on ties, as ``argmax``) and reads the vocabulary once.
+
+Ties: tokens tied at the k-th place or at the top-p boundary are all kept (the counts compare strictly), where
+the CPU path's sort keeps exactly k of them in sort order.
 
 Row parameters come from one int32 buffer [7, rows] (``PARAMS``), which the engine keeps on the device and
 fills with one copy a step: floats as their bits, the 64-bit seed as two halves.
@@ -46,7 +49,7 @@ def _scaled(base, start, offs, vocab, top, inv_t):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
+def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr, rounds_ptr,
                    MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
@@ -67,8 +70,9 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
         best = tl.where(block_top > top, start + tl.argmax(x, 0), best)
         top = tl.maximum(top, block_top)
     token = best
+    rnd = 0
     if (temperature > 0) & (top > float("-inf")):
-        inv_t = LOG2E / temperature
+        inv_t = tl.minimum(LOG2E / temperature, 3.0e38)  # a denormal temperature: greedy, not inf * 0 = NaN
         total = 0.0  # pass 2: the mass of all tokens (q of the top one is 1)
         for start in range(0, vocab, BLOCK):
             total += tl.sum(_scaled(base, start, offs, vocab, top, inv_t), 0)
@@ -78,7 +82,6 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
         high = 1.0
         low_mass = total  # the mass of the tokens above low
         done = 0
-        rnd = 0
         while (done == 0) & (rnd < MAX_ROUNDS):
             target = tl.rand(seed, counter + rnd) * low_mass
             before = 0.0  # draw: the first token above low where the running mass passes target
@@ -92,7 +95,7 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
                 found = tl.minimum(found, tl.min(tl.where((running > target) & (q > 0), idx, vocab), 0))
                 last = tl.maximum(last, tl.max(tl.where(q > 0, idx, -1), 0))
                 before += tl.sum(q, 0)
-            j = tl.where(found < vocab, found, last)
+            j = tl.where(found < vocab, found, tl.where(last >= 0, last, best))  # the top token is above low
             q_j = tl.exp2((tl.load(base + j).to(tl.float32) - top) * inv_t)
             mid = (q_j + high) * 0.5
             above_j = 0  # tokens and mass strictly above q_j and above mid
@@ -105,7 +108,9 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
                 mass_j += tl.sum(tl.where(q > q_j, q, 0.0), 0)
                 above_mid += tl.sum((q > mid).to(tl.int32), 0)
                 mass_mid += tl.sum(tl.where(q > mid, q, 0.0), 0)
-            keep_j = (above_j < top_k) & ((mass_j < p_mass) | all_p) & (q_j >= min_p)
+            # the top token is always kept (the CPU path's rule: nothing ranks above it), whatever rounding
+            # did to a tiny top-p: so low stays below 1 and the top token above it
+            keep_j = ((above_j < top_k) & ((mass_j < p_mass) | all_p) & (q_j >= min_p)) | (above_j == 0)
             keep_mid = (above_mid < top_k) & ((mass_mid < p_mass) | all_p) & (mid >= min_p)
             token = tl.where(keep_j, j, token)
             done = keep_j.to(tl.int32)
@@ -113,9 +118,11 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr,
                                    tl.where(keep_mid, mass_j, mass_mid))
             rnd += 1
     tl.store(out_ptr + row, token)
+    tl.store(rounds_ptr + row, rnd)
 
 
-def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = None,
+                rounds: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits``, by the row's parameters.
 
     Args:
@@ -124,13 +131,16 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | 
             top-k (>= V keeps every token), the seed's low and high 32 bits, the row's step (tokens it has
             generated). Column r is row r's.
         out: Shape: [R] int32, written; allocated when None.
+        rounds: Shape: [R] int32: each row's rejection rounds are written there (0 for a greedy row;
+            ``MAX_ROUNDS`` means the row ran out and took its top token), for benchmarks and tests.
     Returns:
         Shape: [R] int32 token ids.
     """
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and params.shape[0] == len(PARAMS) and params.shape[1] >= rows
     out = torch.empty(rows, dtype=torch.int32, device=logits.device) if out is None else out
+    rounds = torch.empty(rows, dtype=torch.int32, device=logits.device) if rounds is None else rounds
     if rows:
-        _sample_kernel[(rows,)](logits, logits.stride(0), params, params.stride(0), vocab, out,
+        _sample_kernel[(rows,)](logits, logits.stride(0), params, params.stride(0), vocab, out, rounds,
                                 MAX_ROUNDS=MAX_ROUNDS, BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)))
     return out

@@ -59,7 +59,11 @@ def test_draws_follow_the_cpu_paths_filtered_distribution(dtype):
     logits = (torch.randn(VOCAB, generator=torch.Generator().manual_seed(0)) * 1.5).to(dtype)
     share = 1 if dtype == torch.float32 else 4  # bf16: fewer rows
     configs = [config for config, rows in CONFIGS.values() for _ in range(rows // share)]
-    tokens = sampling.sample_rows(logits.expand(len(configs), VOCAB).contiguous(), params(configs)).long()
+    rounds = torch.zeros(len(configs), dtype=torch.int32)
+    tokens = sampling.sample_rows(logits.expand(len(configs), VOCAB).contiguous(), params(configs),
+                                  rounds=rounds).long()
+    assert rounds[-CONFIGS["top-k, flat"][1] // share:].float().mean() > 1.5  # the pivots' path did run
+    assert rounds.max() < sampling.MAX_ROUNDS  # no row ran out of rounds
     start = 0
     for name, (config, rows) in CONFIGS.items():
         drawn, start = tokens[start:start + rows // share], start + rows // share
@@ -84,6 +88,21 @@ def test_filters_that_keep_one_token_and_greedy_rows_take_the_first_top_token():
     got = sampling.sample_rows(batch, params(configs)).tolist()
     assert got[0] == 7 and got[4] == 3
     assert set(got[1:4]) <= {7, 19}  # tied top tokens are both kept by every filter
+
+
+def test_degenerate_parameters_take_the_top_token_and_read_inside_the_vocabulary():
+    """A denormal temperature (1/T overflows), a top-p that packs to 0, a row with one finite logit: each
+    takes its top token, never an index outside the vocabulary (an out-of-range token kills a CUDA context)."""
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(4))
+    configs = [dict(temperature=1e-39), dict(temperature=1e-45), dict(top_p=1e-45), dict(top_k=2, top_p=1e-45),
+               dict(temperature=1.0)]
+    batch = logits.expand(len(configs), VOCAB).contiguous()
+    batch[-1] = float("-inf")
+    batch[-1, 5] = 0.0
+    rounds = torch.zeros(len(configs), dtype=torch.int32)
+    got = sampling.sample_rows(batch, params(configs), rounds=rounds).tolist()
+    assert got == [int(logits.argmax())] * 4 + [5]
+    assert rounds.max() < sampling.MAX_ROUNDS  # the top token was kept, not fallen back to
 
 
 def test_a_rows_token_depends_on_its_logits_seed_and_step_alone():
