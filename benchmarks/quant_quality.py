@@ -4,7 +4,8 @@
 
 Per mode (float32 = full precision; the others in the compute dtype ``dtype: auto`` picks here):
 - perplexity on a held text no adapter trained on: the module docstrings of a fixed list of Python standard
-  library modules (shipped with every Python; ~6k tokens), in 512-token windows;
+  library modules (shipped with every Python; ~8k tokens), in 512-token windows, scored through the engine
+  (its prompt log-probabilities: the kernels serving picks for a prefill chunk, not the HF forward's);
 - greedy agreement with float32 over ``--prompts`` prompts (lines of that text, 32 new tokens each): the share
   of prompts whose whole continuation is identical, and the mean share of tokens before the first difference;
 - with ``--adapter`` (e.g. the sentiment adapter ``llmaas finetune training/examples/sentiment/job.yaml``
@@ -43,14 +44,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, ids: list[int]) -> float:
+def perplexity(engine: LLMEngine, ids: list[int]) -> float:
+    """Through the engine (the kernels serving runs, chosen per batch size), not the HF forward: each window a
+    prompt whose tokens' log-probabilities the engine reports (``prompt_logprobs``)."""
+    windows = [ids[start:start + WINDOW + 1] for start in range(0, len(ids) - 1, WINDOW)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    for i, window in enumerate(windows):
+        engine.add_request(f"ppl-{i}", window, params)
     nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, WINDOW):
-        window = torch.tensor([ids[start:start + WINDOW + 1]])
-        logits = model(input_ids=window[:, :-1]).logits.float()  # [1, S, V]
-        loss = torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum")
-        nll, count = nll + loss.item(), count + window.shape[1] - 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                raise out.error
+            for entry in out.prompt_logprobs or ():
+                nll, count = nll - entry.logprob, count + 1
+    assert count == sum(len(w) - 1 for w in windows)
     return math.exp(nll / count)
 
 
@@ -114,7 +122,7 @@ def main() -> None:
         engine = LLMEngine(load_model(model.path), config)
         row = {"mode": name, "quantization": quantization, "dtype": dtype,
                "weight_mb": weight_bytes(engine.model.hf_model) / 1e6,
-               "perplexity": perplexity(engine.model.hf_model, ids)}
+               "perplexity": perplexity(engine, ids)}
         outs = engine.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True))
         reference = reference or outs
         row["same_continuations"], row["agreeing_prefix"] = agreement(outs, reference)
