@@ -129,6 +129,22 @@ def test_int8_activations_only_where_the_input_has_no_outlier_channels():
         assert layer.mlp.down_proj.shape_key != layer.mlp.gate_up_proj.shape_key
 
 
+def test_a_kernel_this_machine_cannot_run_is_no_candidate(monkeypatch):
+    from llmaas.engine.kernel_plan import measure_plan
+
+    def missing_op(self):
+        def run(x):
+            raise RuntimeError("_int_mm: no kernel for this CPU")
+        return run
+
+    monkeypatch.setattr(QuantizedLinear, "_dynamic_int8", missing_op)
+    module = QuantizedLinear.from_float(torch.nn.Linear(64, 128, bias=False), "int8", 32, torch.float32,
+                                        int8_activations=True)
+    assert "dynamic-int8" in module.kernels()
+    plan = measure_plan(module)  # the engine still starts
+    assert len(plan) == len(M_BUCKETS) and "dynamic-int8" not in plan
+
+
 def test_calibration_measures_once_per_machine_and_plans_every_bucket(tmp_path):
     model = tiny_llama()
     quantize_model(model, "int4", 32, torch.float32)
