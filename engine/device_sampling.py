@@ -1,10 +1,12 @@
 """Sampling for the CUDA path: the rows' parameters live in one persistent device buffer, and one kernel
 launch samples every row (``kernels/sampling.py``: no vocabulary sort, counter-based draws).
 
-Each step the host writes the batch's parameters into a pinned int32 buffer [7, rows] and the device copy is
-refreshed with ONE non-blocking copy. The per-request part (temperature, top-p, min-p, top-k, seed) is packed
-once, when the request arrives, and rewritten into the buffer only when the batch's rows changed; each step
-writes only the rows' step counters. The step's one device -> host read is the sampled tokens.
+The host keeps the batch's parameters in a pinned int32 buffer [7, rows], copied to the device with one
+non-blocking copy when they change. The per-request part (temperature, top-p, min-p, top-k, seed) is packed
+once, when the request arrives, and rewritten into the buffer only when the batch's rows changed. The step
+counters advance on the device: the kernel adds one to each row's after drawing, so a decode step of the same
+rows, each one token further (checked on the host), copies nothing, and the step's one host -> device copy is
+the model's inputs (``cuda_graphs.py``). The step's one device -> host read is the sampled tokens.
 
 A row's draws are Philox's, keyed by its seed and counted by its step (the tokens it has generated): a seeded
 request gets the same tokens whatever shares its batch, and after a preemption recomputes it, the same draws.
@@ -41,6 +43,7 @@ class DeviceSampler:
         self.device = torch.device(device)
         self._packed: dict[str, tuple[int, ...]] = {}  # request id -> its columns
         self.num_rewrites = 0  # steps whose rows changed (their parameters were rewritten)
+        self.num_copies = 0  # steps that copied the buffer to the device
         self._allocate(max_rows)
 
     def _allocate(self, rows: int) -> None:
@@ -52,6 +55,7 @@ class DeviceSampler:
         self.rounds = torch.zeros(rows, dtype=torch.int32, device=self.device)  # [rows], its rounds per row
         self._copied = torch.cuda.Event() if cuda else None  # the next step waits for the copy out of ``host``
         self._columns: list[str] = []  # the request whose parameters each host column holds
+        self._device_steps: list[int] = [0] * rows  # the step counters the device buffer holds (the kernel adds 1)
 
     def add(self, seq: Sequence) -> tuple[int, ...]:
         """Packs a new request's parameters (with a random seed when it has none); returns its columns."""
@@ -74,13 +78,20 @@ class DeviceSampler:
         elif self._copied is not None:
             self._copied.synchronize()  # the last copy has read ``host`` (long since: its tokens were read)
         ids = [seq.request_id for seq in seqs]
-        if ids != self._columns[:n]:
+        steps = [len(seq.output_token_ids) for seq in seqs]
+        moved = ids != self._columns[:n]
+        if moved:
             packed = [self._packed.get(seq.request_id) or self.add(seq) for seq in seqs]
             self.host[:6, :n] = torch.tensor(packed, dtype=torch.int32).T
             self._columns[:n] = ids
             self.num_rewrites += 1
-        self.host[6, :n] = torch.tensor([len(seq.output_token_ids) for seq in seqs], dtype=torch.int32)
-        self.static.copy_(self.host, non_blocking=True)  # the step's one host -> device copy (7 x rows int32)
-        if self._copied is not None:
-            self._copied.record()
-        return sampling.sample_rows(logits, self.static, self.tokens[:n], self.rounds[:n])
+        if moved or steps != self._device_steps[:n]:  # else: a decode step of the same rows,
+            self._device_steps[:n] = steps  # each one token further, whose counters the kernel already moved
+            self.host[6] = torch.tensor(self._device_steps, dtype=torch.int32)
+            self.static.copy_(self.host, non_blocking=True)  # 7 x rows int32, when the rows or their steps moved
+            self.num_copies += 1
+            if self._copied is not None:
+                self._copied.record()
+        tokens = sampling.sample_rows(logits, self.static, self.tokens[:n], self.rounds[:n], count_steps=True)
+        self._device_steps[:n] = [step + 1 for step in steps]
+        return tokens

@@ -25,8 +25,9 @@ temperature 0 takes the top token (the first on ties, as ``argmax``) and reads t
 Ties: tokens tied at the k-th place or at the top-p boundary are all kept (the counts compare strictly), where
 the CPU path's sort keeps exactly k of them in sort order.
 
-Row parameters come from one int32 buffer [7, rows] (``PARAMS``), which the engine keeps on the device and
-fills with one copy a step: floats as their bits, the 64-bit seed as two halves.
+Row parameters come from one int32 buffer [7, rows] (``PARAMS``), which the engine keeps on the device: floats
+as their bits, the 64-bit seed as two halves; with ``count_steps`` the kernel adds one to each row's step after
+drawing, so decode steps of the same rows need no copy of it (``device_sampling.py``).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _scaled(base, start, offs, vocab, top, inv_t):
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr, rounds_ptr,
-                   MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+                   COUNT_STEPS: tl.constexpr, MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     offs = tl.arange(0, BLOCK)
@@ -60,7 +61,8 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr, rou
     min_p = tl.load(p + 2 * num_rows).to(tl.float32, bitcast=True)
     top_k = tl.load(p + 3 * num_rows)
     seed = (tl.load(p + 5 * num_rows).to(tl.int64) << 32) | (tl.load(p + 4 * num_rows).to(tl.int64) & 0xFFFFFFFF)
-    counter = tl.load(p + 6 * num_rows).to(tl.int64) * MAX_ROUNDS
+    step = tl.load(p + 6 * num_rows)
+    counter = step.to(tl.int64) * MAX_ROUNDS
 
     top = float("-inf")  # pass 1: the top logit and its first index
     best = 0
@@ -119,10 +121,12 @@ def _sample_kernel(logits_ptr, stride, params_ptr, num_rows, vocab, out_ptr, rou
             rnd += 1
     tl.store(out_ptr + row, token)
     tl.store(rounds_ptr + row, rnd)
+    if COUNT_STEPS:  # the row's next token is its next step: the host need not copy the counter
+        tl.store(p + 6 * num_rows, step + 1)
 
 
 def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = None,
-                rounds: torch.Tensor | None = None) -> torch.Tensor:
+                rounds: torch.Tensor | None = None, count_steps: bool = False) -> torch.Tensor:
     """One token per row of ``logits``, by the row's parameters.
 
     Args:
@@ -133,6 +137,7 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | 
         out: Shape: [R] int32, written; allocated when None.
         rounds: Shape: [R] int32: each row's rejection rounds are written there (0 for a greedy row;
             ``MAX_ROUNDS`` means the row ran out and took its top token), for benchmarks and tests.
+        count_steps: add one to each row's step in ``params`` after drawing (the device-side counters).
     Returns:
         Shape: [R] int32 token ids.
     """
@@ -142,5 +147,6 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, out: torch.Tensor | 
     rounds = torch.empty(rows, dtype=torch.int32, device=logits.device) if rounds is None else rounds
     if rows:
         _sample_kernel[(rows,)](logits, logits.stride(0), params, params.stride(0), vocab, out, rounds,
-                                MAX_ROUNDS=MAX_ROUNDS, BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)))
+                                COUNT_STEPS=count_steps, MAX_ROUNDS=MAX_ROUNDS,
+                                BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)))
     return out

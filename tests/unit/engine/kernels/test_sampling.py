@@ -121,12 +121,18 @@ def test_a_rows_token_depends_on_its_logits_seed_and_step_alone():
     assert steps[5] == sampling.sample_rows(flat, params([{}], [7], step=5)).item()  # and a step repeats
 
 
-def test_device_sampler_packs_parameters_once_and_counts_steps():
+def test_device_sampler_packs_parameters_once_and_counts_steps_on_the_device():
     from llmaas.engine import device_sampling
 
     original = device_sampling.sampling
     device_sampling.sampling = sampling
     try:
+        def fresh_tokens(seqs, logits):  # what a new sampler (one full copy) draws for these rows now
+            other = device_sampling.DeviceSampler(4, "cpu")
+            for seq in seqs:
+                other._packed[seq.request_id] = sampler._packed[seq.request_id]
+            return other.sample(logits, seqs).tolist()
+
         sampler = device_sampling.DeviceSampler(4, "cpu")
         seqs = [Sequence(f"r{i}", [1, 2], SamplingParams(temperature=0.5 + i, top_p=0.9, top_k=3 if i else None,
                                                           seed=-1 if i == 0 else (1 << 64) - 2), arrival=i)
@@ -140,11 +146,18 @@ def test_device_sampler_packs_parameters_once_and_counts_steps():
         assert cols[3].tolist() == [device_sampling.ALL_TOKENS, 3, 3]
         seed0 = (cols[5, 0].item() << 32) | (cols[4, 0].item() & 0xFFFFFFFF)
         assert seed0 & ((1 << 64) - 1) == (1 << 64) - 1  # -1 as its 64 bits
-        assert torch.equal(sampler.static, sampler.host)
-        assert sampler.sample(logits, seqs).tolist() == first  # same step, same draws
-        seqs[1].output_token_ids.append(5)
-        sampler.sample(logits, seqs)
-        assert sampler.host[6, :3].tolist() == [0, 1, 0] and sampler.num_rewrites == 1  # only the step moved
+        assert torch.equal(sampler.static[:6], sampler.host[:6]) and sampler.static[6, :3].tolist() == [1, 1, 1]
+        assert sampler.sample(logits, seqs).tolist() == first  # the same step again: copied back, same draws
+        assert sampler.num_copies == 2
+        for step in range(3):  # decode steps of the same rows: the counters move on the device, nothing copied
+            for seq in seqs:
+                seq.output_token_ids.append(5)
+            logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(10 + step)) * 0.3
+            assert sampler.sample(logits, seqs).tolist() == fresh_tokens(seqs, logits)
+        assert sampler.num_copies == 2 and sampler.static[6, :3].tolist() == [4, 4, 4]
+        seqs[1].output_token_ids.append(5)  # one row moved on its own (not a plain decode step): copied
+        assert sampler.sample(logits, seqs).tolist() == fresh_tokens(seqs, logits)
+        assert sampler.num_copies == 3 and sampler.num_rewrites == 1
         sampler.sample(logits[1:], seqs[1:])  # a row left: the columns shift and are rewritten
         assert sampler.num_rewrites == 2 and sampler.host[3, :2].tolist() == [3, 3]
     finally:
