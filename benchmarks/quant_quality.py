@@ -5,7 +5,9 @@
 Per mode (float32 = full precision; the others in the compute dtype ``dtype: auto`` picks here):
 - perplexity on a held text no adapter trained on: the module docstrings of a fixed list of Python standard
   library modules (shipped with every Python; ~8k tokens), in 512-token windows, scored through the engine
-  (its prompt log-probabilities: the kernels serving picks for a prefill chunk, not the HF forward's);
+  (its prompt log-probabilities: the kernels serving picks, not the HF forward's), twice: with the default
+  step budget (prefill-sized kernel calls) and with 32 tokens a step (every call at most 32 rows: the kernels a
+  batch-32 decode step runs, which the calibration may choose differently);
 - greedy agreement with float32 over ``--prompts`` prompts (lines of that text, 32 new tokens each): the share
   of prompts whose whole continuation is identical, and the mean share of tokens before the first difference;
 - with ``--adapter`` (e.g. the sentiment adapter ``llmaas finetune training/examples/sentiment/job.yaml``
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ HELD_MODULES = ("argparse", "asyncio", "collections", "csv", "dataclasses", "dat
                 "re", "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
                 "typing", "unittest", "urllib.parse", "zipfile")
 WINDOW = 512
+DECODE_ROWS = 32  # the second score's step budget: every kernel call sees at most 32 rows, as in a batch-32 decode
 SENTIMENT = Path(__file__).resolve().parents[1] / "training" / "examples" / "sentiment"
 
 
@@ -120,9 +124,12 @@ def main() -> None:
         config: EngineConfig = settings.to_engine_config(model.max_model_len, model.eos_token_ids,
                                                          model.gguf if gguf else None)
         engine = LLMEngine(load_model(model.path), config)
+        small = LLMEngine(load_model(model.path), replace(config, max_num_batched_tokens=DECODE_ROWS,
+                                                                max_num_seqs=DECODE_ROWS))
         row = {"mode": name, "quantization": quantization, "dtype": dtype,
                "weight_mb": weight_bytes(engine.model.hf_model) / 1e6,
-               "perplexity": perplexity(engine, ids)}
+               "perplexity": perplexity(engine, ids), "perplexity_32_rows": perplexity(small, ids)}
+        del small
         outs = engine.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True))
         reference = reference or outs
         row["same_continuations"], row["agreeing_prefix"] = agreement(outs, reference)
@@ -131,14 +138,15 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     base = rows[0]
-    print(f"\n| mode | weights MB | perplexity | vs float32 | identical greedy | agreeing prefix |"
-          f"{' adapter accuracy |' if args.adapter else ''}")
-    print(f"|---|---|---|---|---|---|{'---|' if args.adapter else ''}")
+    print(f"\n| mode | weights MB | perplexity | vs float32 | perplexity, {DECODE_ROWS}-row steps | vs float32 | "
+          f"identical greedy | agreeing prefix |{' adapter accuracy |' if args.adapter else ''}")
+    print(f"|---|---|---|---|---|---|---|---|{'---|' if args.adapter else ''}")
     for r in rows:
         extra = f" {r['adapter_accuracy']:.3f} |" if args.adapter else ""
         print(f"| {r['mode']} | {r['weight_mb']:.0f} | {r['perplexity']:.3f} | "
-              f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['same_continuations']:.2f} | "
-              f"{r['agreeing_prefix']:.2f} |{extra}")
+              f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['perplexity_32_rows']:.3f} | "
+              f"{100 * (r['perplexity_32_rows'] / base['perplexity_32_rows'] - 1):+.2f}% | "
+              f"{r['same_continuations']:.2f} | {r['agreeing_prefix']:.2f} |{extra}")
     if not args.no_save:
         print("saved", save("quant_quality", {"args": vars(args), "rows": rows}))
 

@@ -5,8 +5,8 @@ The host keeps the batch's parameters in a pinned int32 buffer [7, rows], copied
 non-blocking copy when they change. The per-request part (temperature, top-p, min-p, top-k, seed) is packed
 once, when the request arrives, and rewritten into the buffer only when the batch's rows changed. The step
 counters advance on the device: the kernel adds one to each row's after drawing, so a decode step of the same
-rows, each one token further (checked on the host), copies nothing, and the step's one host -> device copy is
-the model's inputs (``cuda_graphs.py``). The step's one device -> host read is the sampled tokens.
+rows, each one token further (checked on the host), copies nothing for sampling. The step's one device -> host
+read is the sampled tokens.
 
 A row's draws are Philox's, keyed by its seed and counted by its step (the tokens it has generated): a seeded
 request gets the same tokens whatever shares its batch, and after a preemption recomputes it, the same draws.
@@ -92,6 +92,7 @@ class DeviceSampler:
             self.num_copies += 1
             if self._copied is not None:
                 self._copied.record()
+        self._device_steps[:n] = [-1] * n  # unknown until the launch returns: a launch that raises forces a copy
         tokens = sampling.sample_rows(logits, self.static, self.tokens[:n], self.rounds[:n], count_steps=True)
         self._device_steps[:n] = [step + 1 for step in steps]
         return tokens

@@ -1,10 +1,10 @@
 """Which kernel runs each quantized projection: measured per weight shape and batch size, kept per machine.
 
 Candidates are QuantizedLinear.kernels() (torch's packed int8 / int4 CPU kernels with compute-dtype or bf16
-activations, dequantize + GEMM, and for int8 weights oneDNN's dynamic int8: int8 activations). On one 2-core
-Xeon (AMX) the packed int4 kernel took 25 us at M = 1 and 2.5 ms at M = 256 for a 1536 x 576 weight, dequantize
-+ GEMM 0.8 and 1.0 ms: the answer flips with M, and with the CPU, so it is timed at engine start (~1-2 s for
-SmolLM2's shapes) and cached in a JSON file.
+activations, dequantize + GEMM). On one 2-core Xeon (AMX) the packed int4 kernel took 25 us at M = 1 and 2.5 ms
+at M = 256 for a 1536 x 576 weight, dequantize + GEMM 0.8 and 1.0 ms: the answer flips with M, and with the CPU,
+so it is timed at engine start (~1-2 s for SmolLM2's shapes) and cached in a JSON file. A kernel that cannot
+run here (an op this CPU or torch build lacks, at any size) is dropped, never fatal.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from torch import nn
 from .quantization import M_BUCKETS, Kernel, QuantizedLinear
 
 logger = logging.getLogger(__name__)
-PLAN_VERSION = "kernels 2"  # in the cache key: a new candidate kernel (2: dynamic int8) is measured, not skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +43,7 @@ def machine_key(dtype: torch.dtype, device: torch.device) -> str:
     except OSError:
         pass
     return (f"{cpu}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|"
-            f"threads {torch.get_num_threads()}|{dtype}|{PLAN_VERSION}")
+            f"threads {torch.get_num_threads()}|{dtype}")
 
 
 def _seconds(kernel: Kernel, x: torch.Tensor, budget_s: float = 0.004) -> float:
@@ -87,7 +86,15 @@ def measure_plan(module: QuantizedLinear, prune: float = 4.0) -> tuple[str, ...]
     plan: list[str] = []
     for m in M_BUCKETS:
         x = torch.randn(m, module.in_features, generator=gen, device=module.qweight.device).to(module.dtype)
-        times = {name: _seconds(kernel, x) for name, kernel in kernels.items()}
+        times = {}
+        for name, kernel in list(kernels.items()):
+            try:
+                times[name] = _seconds(kernel, x)
+            except RuntimeError as exc:  # fails at this size: dropped here and at every larger one
+                logger.warning("quantized kernel %s cannot run %d rows of %s: %s", name, m, module.shape_key, exc)
+                if name == "dequant":
+                    raise
+                del kernels[name]
         best = min(times, key=times.__getitem__)
         plan.append(best)
         kernels = {n: k for n, k in kernels.items() if n.startswith("dequant") or times[n] <= prune * times[best]}

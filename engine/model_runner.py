@@ -138,8 +138,9 @@ class ModelRunner:
             sample_rows, last_token = [r for r, _ in kept], [t for _, t in kept]
         if not sample_rows:
             return {}, failed
-        out, failures = self._sample_rows(batch, hidden[to_device(last_token, device)], sample_rows,
-                                          masks, check)
+        # every token a sampling row's last (a decode step): the rows are the hidden states as they are, no copy
+        last_hidden = hidden if len(last_token) == hidden.shape[0] else hidden[to_device(last_token, device)]
+        out, failures = self._sample_rows(batch, last_hidden, sample_rows, masks, check)
         return out, {**failures, **failed}
 
     def _forward(self, seqs: list[Sequence], starts: list[int], nums: list[int], ids: list[int],

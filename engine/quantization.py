@@ -37,13 +37,6 @@ GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes torch's int4 kernels take
 M_BUCKETS = (1, 4, 16, 64, 256)  # rows per call: decode batches up to 16, prefill chunks beyond
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 FUSED = dict(zip(GROUPS, ("qkv_proj", "gate_up_proj")))  # projection group -> the fused module's attribute name
-# Projections whose input may be rounded to int8 per row (int8 mode, batches where it is faster): those reading
-# the normed hidden state or the attention output. Not down_proj, whose input SiLU(gate)·up has outlier
-# channels, and not the LM head, whose logits pick greedy tokens: on the default model (perplexity scored
-# through the engine; float32 13.77) int8 with every input rounded scored 14.13 (+2.6%, over issue 13's 1%
-# budget), with all but those two 13.80 (+0.2%); rounding the LM head's input took int4's identical greedy
-# continuations from 0.34 to 0.16. benchmarks/quant_quality.py measures this.
-INT8_ACTIVATIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,13 +151,10 @@ class QuantizedLinear(nn.Module):
         dtype: the compute dtype: inputs arrive and outputs leave in it.
         block: int4: the layout ``qweight`` was packed in (``int4_block_for``; 0 = plain nibbles). Fixed when
             packed: moving the module to another device keeps the bytes as they are.
-        int8_activations: int8: whether its input may be rounded to int8 per row (the "dynamic-int8" kernel
-            joins the candidates). ``quantize_model`` allows it where the input has no outlier channels that
-            per-row rounding would crush (see ``INT8_ACTIVATIONS``).
     """
 
     def __init__(self, mode: str, in_features: int, out_features: int, qweight: torch.Tensor,
-                 scales: torch.Tensor, dtype: torch.dtype, block: int = 0, int8_activations: bool = False) -> None:
+                 scales: torch.Tensor, dtype: torch.dtype, block: int = 0) -> None:
         super().__init__()
         if mode not in ("int8", "int4"):
             raise ValueError(f"mode must be int8 or int4, got {mode!r}")
@@ -173,7 +163,6 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales.to(dtype))  # cast with the module; kernels get casts per activation
         self.group_size = in_features // scales.shape[0] if mode == "int4" else 0
         self.block = block if mode == "int4" else 0
-        self.int8_activations = int8_activations and mode == "int8"
         self.in_fused = False  # set by fuse(): the engine calls the fused module instead of this one
         self._cast: dict[torch.dtype, torch.Tensor] = {}
         self._plan: tuple[Kernel, ...] | None = None  # one kernel per M bucket, set by calibrate()
@@ -187,21 +176,18 @@ class QuantizedLinear(nn.Module):
         return result
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, mode: str, group_size: int, dtype: torch.dtype,
-                   int8_activations: bool = False) -> QuantizedLinear:
+    def from_float(cls, linear: nn.Linear, mode: str, group_size: int, dtype: torch.dtype) -> QuantizedLinear:
         w = linear.weight.detach()
         if mode == "int8":
             q, scales = quantize_int8(w)
-            return cls(mode, linear.in_features, linear.out_features, q, scales, dtype,
-                       int8_activations=int8_activations)
+            return cls(mode, linear.in_features, linear.out_features, q, scales, dtype)
         q, scales_zeros = quantize_int4(w, group_size)
         block = int4_block_for(q)
         return cls(mode, linear.in_features, linear.out_features, pack_int4(q, block), scales_zeros, dtype, block)
 
     @property
     def shape_key(self) -> str:
-        return f"{self.mode}:{self.out_features}x{self.in_features}:g{self.group_size}" + (
-            ":a8" if self.int8_activations else "")
+        return f"{self.mode}:{self.out_features}x{self.in_features}:g{self.group_size}"
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight this module multiplies by, ``[N, K]`` in ``dtype`` (default: the compute dtype)."""
@@ -229,23 +215,7 @@ class QuantizedLinear(nn.Module):
                 out[f"dequant-{name}"] = self._dequant_in(act)
             if (self.mode == "int8" or self.block > 0) and act in (torch.float32, torch.bfloat16, torch.float16):
                 out[f"packed-{name}"] = self._packed(act)
-        if self.mode == "int8" and self.int8_activations:
-            out["dynamic-int8"] = self._dynamic_int8()
         return out
-
-    def _dynamic_int8(self) -> Kernel:
-        """oneDNN dynamic int8: each row of x quantized to int8 by its absmax, an int8 x int8 -> int32 GEMM
-        (VNNI / AMX-INT8), rescaled by the row's and the channel's scales. The packed int8 kernel converts the
-        weight for every row block: at M = 32 on a 1536 x 576 weight it took 680 us here, this 240 us (the GEMM
-        itself 100 us) and bf16 dense 160 us. Adds the activations' rounding (half a step of 1/127 of each
-        row's largest value), measured by benchmarks/quant_quality.py."""
-        def run(x: torch.Tensor) -> torch.Tensor:
-            xf = x.float()
-            row_scale = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # [M, 1]
-            xq = (xf / row_scale).round_().to(torch.int8)  # not in place: xf is x itself when x is float32
-            y = torch._int_mm(xq, self.qweight.t())  # [M, N] int32
-            return (y.float().mul_(row_scale).mul_(self._scales_in(torch.float32))).to(self.dtype)
-        return run
 
     def _dequant_in(self, act: torch.dtype) -> Kernel:
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +260,7 @@ def fuse(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
     qweight = torch.cat([p.qweight for p in parts])
     scales = torch.cat([p.scales for p in parts], dim=0 if first.mode == "int8" else 1)
     fused = QuantizedLinear(first.mode, first.in_features, sum(p.out_features for p in parts), qweight, scales,
-                            first.dtype, first.block, all(p.int8_activations for p in parts))
+                            first.dtype, first.block)
     start = 0
     for p in parts:
         rows = p.qweight.shape[0]
@@ -323,8 +293,7 @@ def quantize_model(hf_model: nn.Module, mode: str, group_size: int, dtype: torch
     for path, linear in targets:
         quantized = prequantized.get(path)
         if quantized is None:
-            quantized = QuantizedLinear.from_float(linear, "int8" if path == "lm_head" else mode, group_size, dtype,
-                                                   int8_activations=path.rpartition(".")[2] in INT8_ACTIVATIONS)
+            quantized = QuantizedLinear.from_float(linear, "int8" if path == "lm_head" else mode, group_size, dtype)
         parent_path, _, attr = path.rpartition(".")
         parent = hf_model.get_submodule(parent_path) if parent_path else hf_model
         setattr(parent, attr, quantized.to(linear.weight.device))

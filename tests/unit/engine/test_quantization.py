@@ -68,7 +68,7 @@ def modules(dtype):
     torch.manual_seed(0)
     for mode, shape in (("int8", (192, 96)), ("int4", (128, 64)), ("int4", (48, 64))):
         linear = torch.nn.Linear(shape[1], shape[0], bias=False)
-        yield QuantizedLinear.from_float(linear, mode, 32, dtype, int8_activations=True).to(dtype), linear
+        yield QuantizedLinear.from_float(linear, mode, 32, dtype).to(dtype), linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -87,10 +87,10 @@ def test_every_kernel_matches_the_dequantized_reference(dtype):
             for name, kernel in kernels.items():
                 y = kernel(x)
                 assert y.dtype == dtype and y.shape == (m, module.out_features)
-                tol = 1e-4 if dtype == torch.float32 and "bfloat16" not in name and "dynamic" not in name else 3e-2
+                tol = 1e-4 if dtype == torch.float32 and "bfloat16" not in name else 3e-2
                 torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
                 seen.add(name)
-    assert {"dequant", "packed-bfloat16", "dynamic-int8"} <= seen
+    assert {"dequant", "packed-bfloat16"} <= seen
 
 
 def test_a_fused_module_computes_its_parts_outputs_from_their_shared_weight():
@@ -112,37 +112,29 @@ def test_a_fused_module_computes_its_parts_outputs_from_their_shared_weight():
     assert fuse(mixed) is None
 
 
-def test_int8_activations_only_where_the_input_has_no_outlier_channels():
-    """The dynamic-int8 kernel (inputs rounded to int8 per row) is a candidate for q/k/v/o and gate/up (fused
-    too), never for down_proj's input or the LM head's, nor in int4 mode."""
-    for mode in ("int8", "int4"):
-        model = tiny_llama(seed=0)
-        quantize_model(model, mode, 32, torch.float32)
-        layer = model.model.layers[0]
-        fused = [getattr(layer.self_attn, "qkv_proj", None), getattr(layer.mlp, "gate_up_proj", None)]
-        assert mode == "int4" or None not in fused  # (the tiny model's int4 parts have unlike layouts)
-        allowed = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj] + [f for f in fused if f]
-        for module in allowed:
-            assert ("dynamic-int8" in module.kernels()) == (mode == "int8"), module.shape_key
-        for module in (layer.mlp.down_proj, model.lm_head):
-            assert "dynamic-int8" not in module.kernels()
-        assert layer.mlp.down_proj.shape_key != layer.mlp.gate_up_proj.shape_key
-
-
 def test_a_kernel_this_machine_cannot_run_is_no_candidate(monkeypatch):
     from llmaas.engine.kernel_plan import measure_plan
 
-    def missing_op(self):
+    def missing_op(self, act):
         def run(x):
-            raise RuntimeError("_int_mm: no kernel for this CPU")
+            raise RuntimeError("no kernel for this CPU")
         return run
 
-    monkeypatch.setattr(QuantizedLinear, "_dynamic_int8", missing_op)
-    module = QuantizedLinear.from_float(torch.nn.Linear(64, 128, bias=False), "int8", 32, torch.float32,
-                                        int8_activations=True)
-    assert "dynamic-int8" in module.kernels()
-    plan = measure_plan(module)  # the engine still starts
-    assert len(plan) == len(M_BUCKETS) and "dynamic-int8" not in plan
+    def fails_from_16_rows(self, act):
+        def run(x):
+            if x.shape[0] >= 16:
+                raise RuntimeError("no kernel for this size")
+            return F.linear(x, self.dequantize())
+        return run
+
+    module = QuantizedLinear.from_float(torch.nn.Linear(64, 128, bias=False), "int8", 32, torch.float32)
+    for kernel in (missing_op, fails_from_16_rows):
+        monkeypatch.setattr(QuantizedLinear, "_packed", kernel)
+        packed = [name for name in module.kernels() if name.startswith("packed")]
+        assert packed
+        plan = measure_plan(module)  # the engine still starts
+        assert len(plan) == len(M_BUCKETS) and not set(packed) & set(plan[M_BUCKETS.index(16):])
+        assert kernel is fails_from_16_rows or not set(packed) & set(plan)
 
 
 def test_calibration_measures_once_per_machine_and_plans_every_bucket(tmp_path):
