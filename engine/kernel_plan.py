@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def _seconds(kernel: Kernel, x: torch.Tensor, budget_s: float = 0.004) -> float:
     return best
 
 
+def _run_or_drop(kernels: dict[str, Kernel], name: str, shape_key: str, rows: int,
+                 call: Callable[[], float]) -> float | None:
+    """``call()`` for kernel ``name``; when it raises RuntimeError (an op this CPU or torch build lacks, at all or
+    at this many rows) the kernel is dropped from ``kernels`` and None returned. The reference's failure is fatal."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        if name == "dequant":
+            raise
+        logger.warning("quantized kernel %s cannot run %d rows of %s: %s", name, rows, shape_key, exc)
+        del kernels[name]
+        return None
+
+
 def measure_plan(module: QuantizedLinear, prune: float = 4.0) -> tuple[str, ...]:
     """Times each of ``module``'s kernels at every M bucket; a packed kernel ``prune`` x slower than the best at
     one bucket is not timed at larger ones (they only fall further behind as M grows; with fp32 activations one
@@ -74,27 +89,19 @@ def measure_plan(module: QuantizedLinear, prune: float = 4.0) -> tuple[str, ...]
     reference = kernels["dequant"](probe).float()
     tol = 2e-2 * reference.abs().max().item() + 1e-3
     for name in [n for n in kernels if n != "dequant"]:
-        try:
-            error = (kernels[name](probe).float() - reference).abs().max().item()
-        except RuntimeError as exc:  # an op this CPU or torch build lacks: not a candidate here
-            logger.warning("quantized kernel %s cannot run on %s: %s", name, module.shape_key, exc)
-            del kernels[name]
-            continue
-        if error > tol:
+        error = _run_or_drop(kernels, name, module.shape_key, len(probe),
+                             lambda: (kernels[name](probe).float() - reference).abs().max().item())
+        if error is not None and error > tol:
             logger.warning("quantized kernel %s disagrees with the reference on %s: not used", name, module.shape_key)
             del kernels[name]
     plan: list[str] = []
     for m in M_BUCKETS:
         x = torch.randn(m, module.in_features, generator=gen, device=module.qweight.device).to(module.dtype)
         times = {}
-        for name, kernel in list(kernels.items()):
-            try:
-                times[name] = _seconds(kernel, x)
-            except RuntimeError as exc:  # fails at this size: dropped here and at every larger one
-                logger.warning("quantized kernel %s cannot run %d rows of %s: %s", name, m, module.shape_key, exc)
-                if name == "dequant":
-                    raise
-                del kernels[name]
+        for name, kernel in list(kernels.items()):  # a kernel failing at this size is dropped for larger ones too
+            took = _run_or_drop(kernels, name, module.shape_key, m, lambda: _seconds(kernel, x))
+            if took is not None:
+                times[name] = took
         best = min(times, key=times.__getitem__)
         plan.append(best)
         kernels = {n: k for n, k in kernels.items() if n.startswith("dequant") or times[n] <= prune * times[best]}
