@@ -56,6 +56,7 @@ def load_int4_projections(path: str, hf_model: nn.Module, dtype: torch.dtype) ->
         return {}
     cfg = hf_model.config
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    device = next(hf_model.parameters()).device  # the layout is the one its kernels read there
     out: dict[str, QuantizedLinear] = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.{i}.{kind}.weight
@@ -71,7 +72,7 @@ def load_int4_projections(path: str, hf_model: nn.Module, dtype: torch.dtype) ->
         if parts[2] in heads:
             rows = unpermute_rows(q.shape[0], heads[parts[2]])
             q, scales, zeros = q[rows], scales[rows], zeros[rows]
-        block = int4_block_for(q)
+        block = int4_block_for(q, device)
         out[module_path] = QuantizedLinear("int4", linear.in_features, linear.out_features, pack_int4(q, block),
                                            pack_scales_zeros(scales, zeros), dtype, block)
     return out

@@ -48,13 +48,16 @@ def machine_key(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _seconds(kernel: Kernel, x: torch.Tensor, budget_s: float = 0.004) -> float:
-    """Fastest of a few timed calls (background load only ever slows a call)."""
-    kernel(x)  # warm: packs, caches, picks oneDNN primitives
+    """Fastest of a few timed calls (background load only ever slows a call); a CUDA call is timed to its end."""
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None
+    kernel(x)  # warm: packs, caches, picks oneDNN primitives, compiles Triton kernels
+    sync()
     best = float("inf")
     spent = 0.0
     for _ in range(5):
         start = time.perf_counter()
         kernel(x)
+        sync()
         took = time.perf_counter() - start
         best, spent = min(best, took), spent + took
         if spent > budget_s:
@@ -64,11 +67,12 @@ def _seconds(kernel: Kernel, x: torch.Tensor, budget_s: float = 0.004) -> float:
 
 def _run_or_drop(kernels: dict[str, Kernel], name: str, shape_key: str, rows: int,
                  call: Callable[[], float]) -> float | None:
-    """``call()`` for kernel ``name``; when it raises RuntimeError (an op this CPU or torch build lacks, at all or
-    at this many rows) the kernel is dropped from ``kernels`` and None returned. The reference's failure is fatal."""
+    """``call()`` for kernel ``name``; when it raises (an op this CPU or torch build lacks, at all or at this many
+    rows; a Triton kernel this GPU cannot compile) the kernel is dropped from ``kernels`` and None returned. The
+    reference's failure is fatal."""
     try:
         return call()
-    except RuntimeError as exc:
+    except Exception as exc:  # any candidate's failure only drops it (Triton's errors are not RuntimeErrors)
         if name == "dequant":
             raise
         logger.warning("quantized kernel %s cannot run %d rows of %s: %s", name, rows, shape_key, exc)
@@ -82,7 +86,7 @@ def measure_plan(module: QuantizedLinear, prune: float = 4.0) -> tuple[str, ...]
     took 1.4 s at M = 64 on the LM head), dequantize + GEMM always is (it is slowest at small M and the fastest
     at large M). A kernel whose output disagrees with the dequantized reference is dropped."""
     kernels = module.kernels()
-    if len(kernels) == 1:  # nothing to choose (CUDA today: dequantize + GEMM)
+    if len(kernels) == 1:  # nothing to choose
         return (next(iter(kernels)),) * len(M_BUCKETS)
     gen = torch.Generator(device=module.qweight.device).manual_seed(0)  # the global RNG is the requests'
     probe = torch.randn(4, module.in_features, generator=gen, device=module.qweight.device).to(module.dtype)
@@ -108,22 +112,30 @@ def measure_plan(module: QuantizedLinear, prune: float = 4.0) -> tuple[str, ...]
     return tuple(plan)
 
 
-def _read_cache(path: Path | None, key: str) -> dict[str, tuple[str, ...]]:
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    plan: tuple[str, ...]
+    candidates: frozenset[str]  # the kernels offered when it was measured: a new one (new code) re-measures
+
+
+def _read_cache(path: Path | None, key: str) -> dict[str, _Cached]:
     if path is None or not path.is_file():
         return {}
     try:
         entry = json.loads(path.read_text()).get(key, {})
-        return {shape: tuple(plan) for shape, plan in entry.items() if len(plan) == len(M_BUCKETS)}
-    except (OSError, ValueError, AttributeError):
+        return {shape: _Cached(tuple(e["plan"]), frozenset(e["candidates"])) for shape, e in entry.items()
+                if isinstance(e, dict) and len(e.get("plan", ())) == len(M_BUCKETS)}  # older formats: measured anew
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
 
 
-def _write_cache(path: Path, key: str, plans: dict[str, tuple[str, ...]]) -> None:
+def _write_cache(path: Path, key: str, plans: dict[str, _Cached]) -> None:
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         data = {}
-    data[key] = {**data.get(key, {}), **{shape: list(plan) for shape, plan in plans.items()}}
+    data[key] = {**data.get(key, {}), **{shape: {"plan": list(c.plan), "candidates": sorted(c.candidates)}
+                                         for shape, c in plans.items()}}
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +153,8 @@ def _write_cache(path: Path, key: str, plans: dict[str, tuple[str, ...]]) -> Non
 def calibrate(model: nn.Module, dtype: torch.dtype, cache_file: str | None = None) -> Calibration:
     """Gives every QuantizedLinear in ``model`` the engine calls (not the parts of a fused one: those keep
     dequantize + GEMM for transformers' own forward) its measured kernel per M bucket: one measurement per weight
-    shape, on that shape's first module; read from ``cache_file`` when it holds this machine's."""
+    shape, on that shape's first module; read from ``cache_file`` when it holds this machine's, measured with the
+    kernels offered now (a kernel added since is measured)."""
     modules = [m for m in model.modules() if isinstance(m, QuantizedLinear) and not m.in_fused]
     if not modules:
         return Calibration({}, 0.0)
@@ -150,17 +163,18 @@ def calibrate(model: nn.Module, dtype: torch.dtype, cache_file: str | None = Non
         by_shape.setdefault(m.shape_key, m)
     path = Path(cache_file) if cache_file else None
     key = machine_key(dtype, modules[0].qweight.device)
-    plans = _read_cache(path, key)
+    cached = _read_cache(path, key)
+    offered = {s: frozenset(m.kernels()) for s, m in by_shape.items()}
     start = time.perf_counter()
-    missing = [s for s in by_shape if s not in plans or not set(plans[s]) <= set(by_shape[s].kernels())]
+    missing = [s for s in by_shape if s not in cached or cached[s].candidates != offered[s]]
     with torch.inference_mode():
-        for shape in missing:
-            plans[shape] = measure_plan(by_shape[shape])
+        measured = {s: _Cached(measure_plan(by_shape[s]), offered[s]) for s in missing}
     seconds = time.perf_counter() - start if missing else 0.0
+    plans = {s: (measured.get(s) or cached[s]).plan for s in by_shape}
     if missing:
-        logger.info("quantized kernels measured in %.2f s: %s", seconds, plans)
+        logger.info("quantized kernels measured in %.2f s: %s", seconds, {s: plans[s] for s in missing})
         if path is not None:
-            _write_cache(path, key, plans)
+            _write_cache(path, key, measured)
     for m in modules:
         kernels = m.kernels()
         m.use(tuple(kernels[name] for name in plans[m.shape_key]))

@@ -77,6 +77,7 @@ class LLMEngine:
         self.calibration: Calibration | None = None  # the measured kernel per projection shape and M bucket
         if config.quantization != "none":  # after the runner set the allocator up: kernels are timed as they run
             self.calibration = calibrate(hf_model, config.dtype, config.kernel_cache_file)
+        self.runner.capture_graphs()  # after calibration: the graphs record the chosen kernels
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._adapters: dict[str, AdapterWeights] = {}  # registered adapters (host copies), by name

@@ -12,6 +12,7 @@ from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
+from .quantization import QuantizedLinear
 from .sampler import TokenLogprob, apply_penalties, compute_logprobs, pick_logprobs, prompt_logprobs, sample, to_device
 from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
@@ -55,18 +56,30 @@ class ModelRunner:
             from .device_sampling import DeviceSampler  # imports triton, which only the CUDA path needs
 
             self.device_sampler = DeviceSampler(config.max_num_seqs, config.device)
-        self.graphs = None
+        self.graphs = None  # captured by capture_graphs(), once the model's kernels are final
+        self._num_blocks = num_blocks
         use_graphs = config.cuda_graphs
         if use_graphs is None:
             use_graphs = model.decode_graphs and torch.device(config.device).type == "cuda"
-        if use_graphs:
-            if not model.decode_graphs:
-                raise ValueError("cuda_graphs needs the triton attention backend")
-            from .cuda_graphs import DecodeGraphs  # imports triton, which only the CUDA path needs
+        if use_graphs and not model.decode_graphs:
+            raise ValueError("cuda_graphs needs the triton attention backend")
+        self._use_graphs = bool(use_graphs)
 
-            longest = min(config.max_model_len, model.cos.shape[0], num_blocks * config.block_size)  # tokens
-            self.graphs = DecodeGraphs(model, self.kv_cache, self.lora_pool, config.max_num_seqs,
-                                       -(-longest // config.block_size))
+    def capture_graphs(self) -> None:
+        """Captures the decode steps' CUDA graphs (when the config asks for them): after the quantized projections'
+        kernels were chosen (a graph replays the kernels it recorded, whatever is chosen later)."""
+        if not self._use_graphs or self.graphs is not None:
+            return
+        unplanned = [m.shape_key for m in self.model.hf_model.modules()
+                     if isinstance(m, QuantizedLinear) and not m.in_fused and not m.planned]
+        if unplanned:
+            raise RuntimeError(f"quantized projections {unplanned} have no kernel plan yet: calibrate first")
+        from .cuda_graphs import DecodeGraphs  # imports triton, which only the CUDA path needs
+
+        config = self.config
+        longest = min(config.max_model_len, self.model.cos.shape[0], self._num_blocks * config.block_size)  # tokens
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.lora_pool, config.max_num_seqs,
+                                   -(-longest // config.block_size))
 
     def load_lora(self, slot: int, adapter: AdapterWeights) -> None:
         assert self.lora_pool is not None

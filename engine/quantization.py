@@ -19,8 +19,8 @@ compute dtype, so mixed-adapter batches are unchanged.
 """
 from __future__ import annotations
 
-import bisect
 import functools
+import importlib.util
 import logging
 from collections.abc import Callable
 
@@ -101,10 +101,12 @@ def cpu_int4_block() -> int:
     return 0
 
 
-def int4_block_for(q: torch.Tensor) -> int:
-    """The interleave block ``pack_int4`` uses for ``q`` [N, K]: torch's CPU kernel layout for a CPU tensor whose
-    N fills whole blocks, else 0 (two nibbles per byte along K)."""
-    block = cpu_int4_block() if q.device.type == "cpu" else 0
+def int4_block_for(q: torch.Tensor, device: torch.device | str | None = None) -> int:
+    """The interleave block ``pack_int4`` uses for ``q`` [N, K] that will live on ``device`` (default: ``q``'s):
+    torch's CPU kernel layout on CPU when N fills whole blocks, else 0 (two nibbles per byte along K: what the
+    CUDA kernel reads)."""
+    on_cpu = torch.device(device if device is not None else q.device).type == "cpu"
+    block = cpu_int4_block() if on_cpu else 0
     return block if block and q.shape[0] % block == 0 else 0
 
 
@@ -136,6 +138,31 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, block: int, dtype: torch.d
     out[..., 0].copy_(packed & 15)
     out[..., 1].copy_(packed >> 4)
     return out.view(n, k)
+
+
+def bucket(rows: int) -> int:
+    """Index of the smallest M bucket holding ``rows`` (the last for more). A loop, not ``bisect``: dynamo traces
+    it (a decode step compiles into one graph), and there are five buckets."""
+    for i, m in enumerate(M_BUCKETS):
+        if rows <= m:
+            return i
+    return len(M_BUCKETS) - 1
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether triton is installed (CUDA torch builds ship it; without it CUDA modules run dequantize + GEMM)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def device_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (the quantized GEMM splits K until its grid covers them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,8 +232,15 @@ class QuantizedLinear(nn.Module):
     def kernels(self) -> dict[str, Kernel]:
         """Every kernel that can run this module here, by name; each maps x [M, K] -> [M, N] (compute dtype).
         "dequant" (dequantize + GEMM in the compute dtype) is the reference; on CPU the others run the GEMM with
-        bf16 activations too (AMX / AVX512-BF16 make that the fast GEMM on some CPUs, not on others)."""
+        bf16 activations too (AMX / AVX512-BF16 make that the fast GEMM on some CPUs, not on others); on CUDA the
+        Triton w8a16 / w4a16 GEMM (``engine/kernels/quant_matmul.py``) and, int8, torch's ``_weight_int8pack_mm``."""
         out: dict[str, Kernel] = {"dequant": lambda x: F.linear(x, self.dequantize())}
+        if _on_gpu(self.qweight):
+            if has_triton() and (self.mode == "int8" or self.block == 0):  # it reads int4 as plain nibbles only
+                out["triton"] = self._triton()
+            if self.mode == "int8":  # torch's CUDA kernel, where the build has one (else calibration drops it)
+                out["packed"] = self._packed(self.dtype)
+            return out
         if self.qweight.device.type != "cpu":
             return out
         for act in dict.fromkeys((self.dtype, torch.bfloat16)):
@@ -225,15 +259,34 @@ class QuantizedLinear(nn.Module):
     def _packed(self, act: torch.dtype) -> Kernel:
         if self.mode == "int8":
             def run(x: torch.Tensor) -> torch.Tensor:
-                return torch._weight_int8pack_mm(x.to(act), self.qweight, self._scales_in(act)).to(self.dtype)
+                # contiguous: torch's CUDA kernel indexes x as dense rows
+                return torch._weight_int8pack_mm(x.to(act).contiguous(), self.qweight,
+                                                 self._scales_in(act)).to(self.dtype)
         else:
             def run(x: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int4pack_mm_for_cpu(x.to(act), self.qweight, self.group_size,
                                                          self._scales_in(act)).to(self.dtype)
         return run
 
+    def _triton(self) -> Kernel:
+        from .kernels.ops import kernel_ops  # imports triton: CUDA modules only
+
+        if self.mode == "int4" and self.block:
+            raise ValueError(f"the Triton GEMM reads int4 as plain nibbles; {self.shape_key} is in torch's CPU layout")
+        ops, sms = kernel_ops(), device_sms(self.qweight.device)
+        scales = self._scales_in(self.dtype)  # now, not in the call: a traced step must not see the cache change
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return ops.quant_matmul(x.contiguous(), self.qweight, scales, self.group_size, sms)
+        return run
+
     def use(self, plan: tuple[Kernel, ...]) -> None:
         self._plan = plan
+
+    @property
+    def planned(self) -> bool:
+        """Whether calibration gave it its kernels (else ``forward`` runs dequantize + GEMM)."""
+        return self._plan is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] (or [..., K]) -> [M, N] in the compute dtype."""
@@ -242,7 +295,7 @@ class QuantizedLinear(nn.Module):
         if self._plan is None:
             y = F.linear(x, self.dequantize())
         else:
-            y = self._plan[min(bisect.bisect_left(M_BUCKETS, x.shape[0]), len(M_BUCKETS) - 1)](x)
+            y = self._plan[bucket(x.shape[0])](x)
         return y.reshape(*lead, self.out_features)
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import layers, paged_attention, sgmv
+from . import layers, paged_attention, quant_matmul, sgmv
 
 _OPS: SimpleNamespace | None = None
 
@@ -91,6 +91,15 @@ def _register() -> SimpleNamespace:
     def _(y, ax, b, scales, order, starts, counts, r0, col0):
         return None
 
+    @torch.library.custom_op("llmaas::quant_matmul", mutates_args=())
+    def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 num_sms: int) -> torch.Tensor:
+        return quant_matmul.quant_matmul(x, qweight, scales, group_size, num_sms=num_sms)
+
+    @quant_mm.register_fake
+    def _(x, qweight, scales, group_size, num_sms):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
     return SimpleNamespace(add_rmsnorm=add_rmsnorm, rope_and_cache=rope_and_cache, silu_mul=silu_mul,
                            decode_attention=decode_attention, prefill_attention=prefill_attention,
-                           lora_shrink=lora_shrink, lora_expand=lora_expand)
+                           lora_shrink=lora_shrink, lora_expand=lora_expand, quant_matmul=quant_mm)

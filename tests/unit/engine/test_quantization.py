@@ -17,6 +17,7 @@ from llmaas.engine.quantization import (
     FUSED,
     M_BUCKETS,
     QuantizedLinear,
+    bucket,
     cpu_int4_block,
     dequantize_int4,
     dequantize_int8,
@@ -50,6 +51,7 @@ def test_int4_round_trip_and_packing(rows):
     assert ((dequantize_int4(q, sz, torch.float32) - w).abs() <= step / 2 + 1e-6).all()
     block = int4_block_for(q)
     assert block == (cpu_int4_block() if rows % 64 == 0 else 0)  # 48 rows fill no block of torch's layout
+    assert int4_block_for(q, "cuda") == 0  # packed for a GPU (a GGUF read on the host): what its kernel reads
     packed = pack_int4(q, block)
     assert packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2
     assert torch.equal(unpack_int4(packed, rows, 96, block), q.to(torch.uint8))
@@ -146,9 +148,16 @@ def test_calibration_measures_once_per_machine_and_plans_every_bucket(tmp_path):
                                                       if isinstance(m, QuantizedLinear) and not m.in_fused}
     assert all(len(plan) == len(M_BUCKETS) for plan in first.plans.values())
     (entry,) = json.loads(cache.read_text()).values()
-    assert {k: tuple(v) for k, v in entry.items()} == first.plans
+    assert {k: tuple(v["plan"]) for k, v in entry.items()} == first.plans
     again = calibrate(model, torch.float32, str(cache))
     assert again.seconds == 0 and again.plans == first.plans  # read back, not measured
+    data = json.loads(cache.read_text())
+    (key,) = data
+    shape = next(iter(data[key]))
+    data[key][shape]["candidates"].remove("dequant-bfloat16")  # measured before that kernel existed
+    cache.write_text(json.dumps(data))
+    assert calibrate(model, torch.float32, str(cache)).seconds > 0  # a kernel added since: measured again
+    assert set(json.loads(cache.read_text())[key][shape]["candidates"]) >= {"dequant", "dequant-bfloat16"}
     assert calibrate(model, torch.bfloat16, str(cache)).seconds > 0  # another compute dtype: its own entry
     cache.write_text("{not json")  # a damaged cache is measured anew, never fatal
     assert calibrate(model, torch.float32, str(cache)).seconds > 0
@@ -221,3 +230,10 @@ def test_the_default_gguf_loads_as_int4_exactly_as_transformers_dequantizes_it(d
     for path, module in loaded.items():
         want = model.get_submodule(path).weight
         torch.testing.assert_close(module.dequantize(torch.float32), want, atol=1e-6, rtol=0, msg=path)
+
+
+def test_bucket_is_the_smallest_holding_the_rows():
+    import bisect
+
+    for rows in range(1, 2 * M_BUCKETS[-1]):
+        assert bucket(rows) == min(bisect.bisect_left(M_BUCKETS, rows), len(M_BUCKETS) - 1)

@@ -20,7 +20,7 @@ def _interpreter_fixes(request):
 def _kernel_copies():
     from .interpreter import interpreted
 
-    return {name: interpreted(name) for name in ("layers", "paged_attention", "sampling", "sgmv")}
+    return {name: interpreted(name) for name in ("layers", "paged_attention", "quant_matmul", "sampling", "sgmv")}
 
 
 @pytest.fixture

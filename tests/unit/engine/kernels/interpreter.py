@@ -15,6 +15,7 @@ Interpreter bugs (Triton 3.6, see DESIGN.md) and what we do about them (``interp
   other bf16 computation in float32, which the GPU does too (bf16 elementwise arithmetic in the
   interpreter is broken the same way).
 - float32 -> bf16 casts truncate instead of rounding: bf16 results are compared with a tolerance of a few ulp.
+- integer -> bf16 casts store the integer as bf16's raw bits: the fix casts through float32.
 - numpy >= 2.4 breaks loop bounds loaded from memory: the test extras pin numpy below 2.4.
 - an unmasked out-of-bounds load segfaults: every load in the kernels is masked or provably in bounds.
 """
@@ -64,7 +65,8 @@ def _as_float32(handle) -> np.ndarray:
 
 @contextlib.contextmanager
 def interpreter_fixes() -> Iterator[None]:
-    """Patches the interpreter's ``tl.dot`` to multiply bf16 operands as numbers, not bit patterns, lets
+    """Patches the interpreter's ``tl.dot`` to multiply bf16 operands as numbers, not bit patterns, and its
+    integer -> bf16 casts to give the number, lets
     interpreted kernels call compiled-mode library functions, and makes nested calls undo their patches."""
     builder = interpreter.InterpreterBuilder
     original_dot = builder.create_dot
@@ -75,6 +77,13 @@ def interpreter_fixes() -> Iterator[None]:
             return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         product = np.matmul(_as_float32(a), _as_float32(b), dtype=d.data.dtype)
         return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+
+    def int_to_fp(self, src, dst_type):
+        # the interpreter casts an integer to bf16 by numpy astype into bf16's uint16 storage (the integer as
+        # raw bits): go through float32, whose cast to bf16 it does right
+        if dst_type.scalar == tl.bfloat16:
+            src = interpreter.TensorHandle(src.data.astype(np.float32), tl.float32)
+        return self.cast_impl(src, dst_type)
 
     def call(self, *args, **kwargs):
         if self.fn not in as_interpreted:
@@ -90,7 +99,8 @@ def interpreter_fixes() -> Iterator[None]:
         finally:
             scope.restore()
 
-    patched = [(builder, "create_dot", create_dot), (JITFunction, "__call__", call),
+    patched = [(builder, "create_dot", create_dot), (builder, "create_si_to_fp", int_to_fp),
+               (builder, "create_ui_to_fp", int_to_fp), (JITFunction, "__call__", call),
                (interpreter.InterpretedFunction, "__call__", nested_call)]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     for owner, name, value in patched:

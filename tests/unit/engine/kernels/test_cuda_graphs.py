@@ -67,3 +67,27 @@ def test_padding_rows_write_no_cache_and_inputs_stay_in_one_buffer(tiny_base_dir
     assert sorted(changed.nonzero()[:, 1].unique().tolist()) == [3 * 16 + 2, 6 * 16 + 4, 7 * 16]
     with pytest.raises(ValueError, match="no decode graph"):
         graphs.run([1] * 5, [0] * 5, [[0]] * 5, [None] * 5, block_size=16)
+
+
+def test_a_quantized_engine_captures_its_graphs_after_calibration(tiny_base_dir, monkeypatch):
+    """A graph replays the kernels it recorded: the engine captures once every quantized projection has its
+    calibrated kernels, and capturing before that is refused."""
+    from llmaas.engine.model_runner import ModelRunner
+    from llmaas.engine.quantization import QuantizedLinear
+
+    seen = []
+    capture = ModelRunner.capture_graphs
+
+    def spy(self):
+        seen.append(all(m.planned for m in self.model.hf_model.modules()
+                        if isinstance(m, QuantizedLinear) and not m.in_fused))
+        capture(self)
+
+    monkeypatch.setattr(ModelRunner, "capture_graphs", spy)
+    engine = make_engine(tiny_base_dir, "triton", cuda_graphs=True, quantization="int8")
+    assert seen == [True] and engine.runner.graphs is not None
+    runner = engine.runner
+    runner.graphs = None
+    runner.model.hf_model.lm_head.use(None)  # as if calibration had not run
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        capture(runner)

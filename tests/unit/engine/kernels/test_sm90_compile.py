@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="the Triton kernels need triton (t
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llmaas.engine.kernels import layers, paged_attention, sampling, sgmv  # noqa: E402
+from llmaas.engine.kernels import layers, paged_attention, quant_matmul, sampling, sgmv  # noqa: E402
 
 RUNS_IN_INTERPRETER = False  # compiled, not interpreted: no interpreter patches (conftest.py)
 H100 = GPUTarget("cuda", 90, 32)
@@ -27,7 +27,7 @@ MAX_SHARED = 227 * 1024  # per block on sm_90
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch keywords that are compile options, not constexprs
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
 SHAPES = {  # (hidden, heads, kv_heads, head_dim, intermediate)
     "llama-3.2-1b": (2048, 32, 8, 64, 8192),
     "llama-3.1-8b": (4096, 32, 8, 128, 14336),
@@ -106,6 +106,18 @@ def launches(model: str):
         torch.empty(tokens, hidden, **meta), torch.empty(num_slots, 3 * rank, hidden, **meta), plan)
     yield "lora expand", sgmv, "_expand_kernel", lambda: sgmv.lora_expand_(
         qkv, ax, torch.empty(num_slots, heads * head_dim, rank, **meta), torch.empty(num_slots, device="meta"), plan)
+    for mode, group in (("w8a16", 0), ("w4a16", 128)):  # the int4 group as QuantizedLinear is configured
+        w = torch.empty(inter, hidden // 2 if group else hidden, device="meta",
+                        dtype=torch.uint8 if group else torch.int8)  # gate_proj-sized
+        scales = torch.empty(*((hidden // group, inter, 2) if group else (inter,)), **meta)
+        for phase, rows in (("decode", 8), ("prefill", tokens)):
+            yield f"{mode} {phase}", quant_matmul, "_quant_matmul_kernel", lambda w=w, s=scales, g=group, r=rows: (
+                quant_matmul.quant_matmul(torch.empty(r, hidden, **meta), w, s, g, num_sms=132))
+        # o_proj-sized decode: hidden / 64 output tiles on 132 SMs, so K is split (float32 partials)
+        o_w = torch.empty(hidden, w.shape[1], device="meta", dtype=w.dtype)
+        o_scales = torch.empty(*((hidden // group, hidden, 2) if group else (hidden,)), **meta)
+        yield f"{mode} decode split-K", quant_matmul, "_quant_matmul_kernel", lambda w=o_w, s=o_scales, g=group: (
+            quant_matmul.quant_matmul(torch.empty(8, hidden, **meta), w, s, g, num_sms=132))
     yield "sampling", sampling, "_sample_kernel", lambda: sampling.sample_rows(
         torch.empty(batch, VOCAB, device="meta"), torch.empty(len(sampling.PARAMS), batch, **i32),
         count_steps=True)  # as the engine's device sampler launches it
@@ -137,7 +149,7 @@ def test_kernel_compiles_for_sm90_without_spills(model, name, monkeypatch):
 
 def test_compile_test_covers_every_kernel():
     kernels = {(mod.__name__, k) for model in SHAPES for _, mod, k, _ in launches(model)}
-    defined = {(mod.__name__, name) for mod in (layers, paged_attention, sampling, sgmv)
+    defined = {(mod.__name__, name) for mod in (layers, paged_attention, quant_matmul, sampling, sgmv)
                for name, obj in vars(mod).items()
                if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
     assert defined == kernels

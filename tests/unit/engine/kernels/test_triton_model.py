@@ -10,7 +10,7 @@ from llmaas.engine import SamplingParams
 from llmaas.engine import triton_model as tm
 from tests.models import make_peft_adapter
 
-from .tiny_engine import make_engine, random_prompts
+from .tiny_engine import make_engine, random_prompts, run_quantized_with
 
 NUM_NEW = 6
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
@@ -87,3 +87,24 @@ def test_seeded_sampling_on_the_device_ignores_batch_mates_and_sorts_nothing(tin
 
 def _fields(params: SamplingParams) -> dict:
     return {name: getattr(params, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base_through_the_triton_gemm_matches_the_cpu_path(tiny_base_dir, monkeypatch, mode):
+    """A quantized base on the CUDA path, every projection and the LM head through the w8a16 / w4a16 Triton GEMM
+    (``quant_matmul``, interpreted) in the plain-nibble layout the CUDA path packs int4 in: greedy tokens equal
+    the CPU path's with the same quantized weights (dequantize + GEMM), over chunked mixed steps."""
+    from llmaas.engine import quantization
+
+    monkeypatch.setattr(quantization, "int4_block_for", lambda q, device=None: 0)  # the CUDA layout, on CPU
+    monkeypatch.setattr(quantization, "device_sms", lambda device: 8)  # split K on the decode steps
+
+    def engine_with(backend: str, kernel: str):
+        engine = make_engine(tiny_base_dir, backend, quantization=mode, quant_group_size=32)
+        run_quantized_with(engine, kernel)
+        return engine
+
+    prompts = random_prompts((3, 17, 40), seed=4)
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    want = engine_with("torch", "dequant").generate(prompts, params)
+    assert engine_with("triton", "triton").generate(prompts, params) == want
