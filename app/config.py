@@ -39,11 +39,13 @@ class EngineSettings(BaseModel):
         "auto", description="'auto': bfloat16 on GPU; on CPU whichever of bfloat16 / float32 a GEMM probe measures "
                             "faster at startup (bf16 only when >= 1.2x). float32 gives token-exact parity with "
                             "transformers in float32.")
-    quantization: Literal["none", "int8", "int4"] = Field(
+    quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none", description="Weight-only quantization of every projection and the LM head, applied at load: int8 "
-                            "per output channel, int4 group-wise (the LM head stays int8). On the default model, "
-                            "int4 with group size 32 takes the GGUF file's own 4-bit blocks. Adapters serve on top "
-                            "unchanged. Which kernel runs each shape is measured at startup and cached per machine.")
+                            "per output channel, int4 group-wise, fp8 (e4m3 per output channel: a GPU format; on "
+                            "CPU it runs correct but as dequantize + GEMM); the LM head stays int8. On the default "
+                            "model, int4 with group size 32 takes the GGUF file's own 4-bit blocks. Adapters serve on "
+                            "top unchanged. Which kernel runs each shape is measured at startup and cached per "
+                            "machine.")
     quant_group_size: Literal[32, 64, 128, 256] = Field(
         32, description="int4: input features sharing one scale and zero (32 = llama.cpp's Q4 block).")
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together in one step.")

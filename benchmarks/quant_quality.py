@@ -1,6 +1,6 @@
 """What weight quantization costs in quality, on the default model: one table, every mode, one run.
 
-    python -m llmaas.benchmarks.quant_quality [--adapter DIR] [--prompts 100]
+    python -m llmaas.benchmarks.quant_quality [--adapter DIR] [--prompts 100] [--modes float32,fp8]
 
 Per mode (float32 = full precision; the others in the compute dtype ``dtype: auto`` picks here):
 - perplexity on a held text no adapter trained on: the module docstrings of a fixed list of Python standard
@@ -13,7 +13,8 @@ Per mode (float32 = full precision; the others in the compute dtype ``dtype: aut
 - with ``--adapter`` (e.g. the sentiment adapter ``llmaas finetune training/examples/sentiment/job.yaml``
   trains), that adapter's accuracy on its validation set, served on each base;
 - the bytes the model's weights take.
-Budgets (issue 13): int8 perplexity within 1% of float32, int4 within 5%, adapter accuracy within a point.
+Budgets (issue 13): int8 (and fp8) perplexity within 1% of float32, int4 within 5%, adapter accuracy within a
+point. fp8 is a GPU format: here it runs as dequantize + GEMM, which scores the format, not a GPU's kernels.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", help="comma-separated rows to run (default: all); the first is the reference")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,8 +116,13 @@ def main() -> None:
     auto = EngineSettings(device="cpu").resolved_dtype("cpu")
     modes = [("float32", "none", "float32", False), (f"{auto}", "none", auto, False),
              ("int8", "int8", auto, False), ("int4 (g32)", "int4", auto, False),
-             ("int4 (GGUF Q4_1 blocks)", "int4", auto, True)]
+             ("int4 (GGUF Q4_1 blocks)", "int4", auto, True), ("fp8", "fp8", auto, False)]
     modes = list({m[0]: m for m in modes}.values())  # auto may be float32: one row
+    if args.modes:
+        wanted, names = args.modes.split(","), [m[0] for m in modes]
+        if not set(wanted) <= set(names):
+            p.error(f"--modes: pick from {names}")
+        modes = [m for name in wanted for m in modes if m[0] == name]
     print(f"held text: {len(ids)} tokens from {len(HELD_MODULES)} stdlib docstrings; {len(prompts)} prompts; "
           f"compute dtype for the quantized rows: {auto} (dtype: auto here)")
     rows, reference = [], None

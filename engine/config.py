@@ -37,7 +37,7 @@ class EngineConfig:
     # when torch's intra-op threads leave a core free; on a CPU whose cores all run the forward the thread only
     # competes with it (2-core Xeon, interleaved A/B: 0.88x-1.08x, noise-bound; benchmarks/structured.py).
     overlap_masks: bool | None = None
-    quantization: str = "none"  # none | int8 | int4: weight-only, every projection + LM head (quantization.py)
+    quantization: str = "none"  # none | int8 | int4 | fp8: weight-only, every projection + LM head (quantization.py)
     quant_group_size: int = 32  # int4 input features per scale/zero: 32 is llama.cpp's Q4 block (quality first)
     gguf_file: str | None = None  # int4 (group 32): take the projections' Q4_0/Q4_1 blocks from this file as they are
     kernel_cache_file: str | None = None  # where measured quantized-kernel choices are kept per machine (None: none)

@@ -92,12 +92,12 @@ def _register() -> SimpleNamespace:
         return None
 
     @torch.library.custom_op("llmaas::quant_matmul", mutates_args=())
-    def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+    def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, fp8: bool,
                  num_sms: int) -> torch.Tensor:
-        return quant_matmul.quant_matmul(x, qweight, scales, group_size, num_sms=num_sms)
+        return quant_matmul.quant_matmul(x, qweight, scales, group_size, fp8=fp8, num_sms=num_sms)
 
     @quant_mm.register_fake
-    def _(x, qweight, scales, group_size, num_sms):
+    def _(x, qweight, scales, group_size, fp8, num_sms):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     return SimpleNamespace(add_rmsnorm=add_rmsnorm, rope_and_cache=rope_and_cache, silu_mul=silu_mul,

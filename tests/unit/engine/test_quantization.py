@@ -25,6 +25,7 @@ from llmaas.engine.quantization import (
     int4_block_for,
     pack_int4,
     pack_scales_zeros,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -40,6 +41,22 @@ def test_int8_round_trip_is_within_half_a_step_per_channel():
     err = (dequantize_int8(q, scales, torch.float32) - w).abs()
     assert (err <= scales[:, None] / 2 + 1e-6).all()
     assert (q.abs().amax(dim=1) == 127).all()  # each channel's largest weight uses the whole range
+
+
+def test_fp8_round_trip_is_within_e4m3_rounding_and_survives_a_dtype_cast():
+    w = torch.randn(64, 80) * torch.linspace(0.1, 3, 64)[:, None]
+    q, scales = quantize_fp8(w)
+    assert q.dtype == torch.uint8  # e4m3 bits: Module.to(dtype) casts floating-point buffers, not these
+    codes = q.view(torch.float8_e4m3fn).float()
+    assert (codes.abs().amax(dim=1) == 448).all()  # each channel's largest weight uses the whole range
+    back = codes * scales[:, None]
+    # e4m3 keeps 3 mantissa bits: half a step is 1/16 of the value (normals) or 2^-10 * scale (subnormals)
+    assert ((back - w).abs() <= w.abs() / 16 + scales[:, None] * 2 ** -10 + 1e-7).all()
+    module = QuantizedLinear.from_float(torch.nn.Linear(80, 64, bias=False), "fp8", 32, torch.float32)
+    before = module.dequantize(torch.float32)
+    module.to(torch.bfloat16)
+    assert module.qweight.dtype == torch.uint8 and module.dtype == torch.bfloat16
+    torch.testing.assert_close(module.dequantize(torch.float32), before, atol=0, rtol=2 ** -8)  # scales in bf16
 
 
 @pytest.mark.parametrize("rows", [128, 48])  # torch's CPU kernel layout (N % 64 == 0) and plain nibbles
@@ -68,7 +85,7 @@ def test_int4_rejects_features_that_do_not_fill_groups():
 
 def modules(dtype):
     torch.manual_seed(0)
-    for mode, shape in (("int8", (192, 96)), ("int4", (128, 64)), ("int4", (48, 64))):
+    for mode, shape in (("int8", (192, 96)), ("int4", (128, 64)), ("int4", (48, 64)), ("fp8", (64, 96))):
         linear = torch.nn.Linear(shape[1], shape[0], bias=False)
         yield QuantizedLinear.from_float(linear, mode, 32, dtype).to(dtype), linear
 
@@ -97,7 +114,7 @@ def test_every_kernel_matches_the_dequantized_reference(dtype):
 
 def test_a_fused_module_computes_its_parts_outputs_from_their_shared_weight():
     torch.manual_seed(1)
-    for mode, sizes in (("int8", (64, 32, 32)), ("int4", (128, 64, 64)), ("int4", (48, 16, 16))):
+    for mode, sizes in (("int8", (64, 32, 32)), ("int4", (128, 64, 64)), ("int4", (48, 16, 16)), ("fp8", (32, 16))):
         parts = [QuantizedLinear.from_float(torch.nn.Linear(64, n, bias=False), mode, 32, torch.float32)
                  for n in sizes]
         before = [p.dequantize() for p in parts]
@@ -169,7 +186,7 @@ def test_a_quantized_engine_generates_what_its_dequantized_weights_do():
     (the other kernels' accuracy is the test above: bf16 activations would make a token-level comparison
     hinge on near-ties)."""
     base = tiny_llama(seed=3, num_key_value_heads=4)  # k/v of 64 rows: int4 q/k/v fuse in torch's layout
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "fp8"):
         quantized = copy.deepcopy(base)
         held = quantize_model(quantized, mode, 32, torch.float32)
         assert 0 < held < sum(p.numel() * 4 for p in base.parameters())

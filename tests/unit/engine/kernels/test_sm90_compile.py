@@ -106,18 +106,21 @@ def launches(model: str):
         torch.empty(tokens, hidden, **meta), torch.empty(num_slots, 3 * rank, hidden, **meta), plan)
     yield "lora expand", sgmv, "_expand_kernel", lambda: sgmv.lora_expand_(
         qkv, ax, torch.empty(num_slots, heads * head_dim, rank, **meta), torch.empty(num_slots, device="meta"), plan)
-    for mode, group in (("w8a16", 0), ("w4a16", 128)):  # the int4 group as QuantizedLinear is configured
+    for mode, group in (("w8a16", 0), ("fp8 w8a16", 0), ("w4a16", 128)):  # int4 groups as QuantizedLinear's
         w = torch.empty(inter, hidden // 2 if group else hidden, device="meta",
-                        dtype=torch.uint8 if group else torch.int8)  # gate_proj-sized
+                        dtype=torch.int8 if mode == "w8a16" else torch.uint8)  # gate_proj-sized; fp8 as its bits
+        fp8 = mode.startswith("fp8")
         scales = torch.empty(*((hidden // group, inter, 2) if group else (inter,)), **meta)
         for phase, rows in (("decode", 8), ("prefill", tokens)):
-            yield f"{mode} {phase}", quant_matmul, "_quant_matmul_kernel", lambda w=w, s=scales, g=group, r=rows: (
-                quant_matmul.quant_matmul(torch.empty(r, hidden, **meta), w, s, g, num_sms=132))
+            yield f"{mode} {phase}", quant_matmul, "_quant_matmul_kernel", (
+                lambda w=w, s=scales, g=group, r=rows, f=fp8:
+                quant_matmul.quant_matmul(torch.empty(r, hidden, **meta), w, s, g, fp8=f, num_sms=132))
         # o_proj-sized decode: hidden / 64 output tiles on 132 SMs, so K is split (float32 partials)
         o_w = torch.empty(hidden, w.shape[1], device="meta", dtype=w.dtype)
         o_scales = torch.empty(*((hidden // group, hidden, 2) if group else (hidden,)), **meta)
-        yield f"{mode} decode split-K", quant_matmul, "_quant_matmul_kernel", lambda w=o_w, s=o_scales, g=group: (
-            quant_matmul.quant_matmul(torch.empty(8, hidden, **meta), w, s, g, num_sms=132))
+        yield f"{mode} decode split-K", quant_matmul, "_quant_matmul_kernel", (
+            lambda w=o_w, s=o_scales, g=group, f=fp8:
+            quant_matmul.quant_matmul(torch.empty(8, hidden, **meta), w, s, g, fp8=f, num_sms=132))
     yield "sampling", sampling, "_sample_kernel", lambda: sampling.sample_rows(
         torch.empty(batch, VOCAB, device="meta"), torch.empty(len(sampling.PARAMS), batch, **i32),
         count_steps=True)  # as the engine's device sampler launches it

@@ -89,7 +89,7 @@ def _fields(params: SamplingParams) -> dict:
     return {name: getattr(params, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 def test_quantized_base_through_the_triton_gemm_matches_the_cpu_path(tiny_base_dir, monkeypatch, mode):
     """A quantized base on the CUDA path, every projection and the LM head through the w8a16 / w4a16 Triton GEMM
     (``quant_matmul``, interpreted) in the plain-nibble layout the CUDA path packs int4 in: greedy tokens equal
