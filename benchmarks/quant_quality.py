@@ -145,7 +145,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     base = rows[0]
-    print(f"\n| mode | weights MB | perplexity | vs float32 | perplexity, {DECODE_ROWS}-row steps | vs float32 | "
+    vs = f"vs {base['mode']}"
+    print(f"\n| mode | weights MB | perplexity | {vs} | perplexity, {DECODE_ROWS}-row steps | {vs} | "
           f"identical greedy | agreeing prefix |{' adapter accuracy |' if args.adapter else ''}")
     print(f"|---|---|---|---|---|---|---|---|{'---|' if args.adapter else ''}")
     for r in rows:
@@ -155,7 +156,8 @@ def main() -> None:
               f"{100 * (r['perplexity_32_rows'] / base['perplexity_32_rows'] - 1):+.2f}% | "
               f"{r['same_continuations']:.2f} | {r['agreeing_prefix']:.2f} |{extra}")
     if not args.no_save:
-        print("saved", save("quant_quality", {"args": vars(args), "rows": rows}))
+        name = "quant_quality" + (f"_{args.modes.replace(',', '_')}" if args.modes else "")  # a subset: its own file
+        print("saved", save(name, {"args": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Weight-only quantization: int8 per output channel and int4 group-wise, LoRA on top.
+"""Weight-only quantization: int8 and fp8 per output channel, int4 group-wise, LoRA on top.
 
 Formats (``W`` is a projection's ``[out, in]`` weight, ``x`` its ``[M, in]`` input):
 
@@ -182,7 +182,8 @@ def device_sms(device: torch.device) -> int:
 # The module
 
 class QuantizedLinear(nn.Module):
-    """A bias-free ``nn.Linear`` with int8 or int4 weights; ``forward`` runs the kernel chosen for ``x``'s rows.
+    """A bias-free ``nn.Linear`` with int8, fp8 or int4 weights; ``forward`` runs the kernel chosen for ``x``'s
+    rows.
 
     Args:
         mode: "int8", "fp8" or "int4".
@@ -199,6 +200,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if mode not in ("int8", "int4", "fp8"):
             raise ValueError(f"mode must be int8, int4 or fp8, got {mode!r}")
+        if mode == "fp8" and qweight.dtype != torch.uint8:  # float8 codes would be cast by the next .to(dtype)
+            raise ValueError(f"fp8 codes are kept as their uint8 bits (quantize_fp8), got {qweight.dtype}")
         self.mode, self.in_features, self.out_features, self.dtype = mode, in_features, out_features, dtype
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(dtype))  # cast with the module; kernels get casts per activation
@@ -354,6 +357,10 @@ def quantize_model(hf_model: nn.Module, mode: str, group_size: int, dtype: torch
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
     if mode == "none":
         return 0
+    device = hf_model.lm_head.weight.device
+    if mode == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+        logger.warning("fp8 weights run as dequantize + GEMM on %s (the fp8 GEMM needs a GPU of compute capability "
+                       "8.9+): correct, but slower than int8, which also keeps more quality", device)
     prequantized = prequantized or {}
     targets = [(f"model.layers.{i}.{part}.{name}", getattr(getattr(layer, part), name))
                for i, layer in enumerate(hf_model.model.layers)

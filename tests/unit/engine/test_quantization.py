@@ -43,7 +43,7 @@ def test_int8_round_trip_is_within_half_a_step_per_channel():
     assert (q.abs().amax(dim=1) == 127).all()  # each channel's largest weight uses the whole range
 
 
-def test_fp8_round_trip_is_within_e4m3_rounding_and_survives_a_dtype_cast():
+def test_fp8_round_trip_is_within_e4m3_rounding_and_survives_a_dtype_cast(caplog):
     w = torch.randn(64, 80) * torch.linspace(0.1, 3, 64)[:, None]
     q, scales = quantize_fp8(w)
     assert q.dtype == torch.uint8  # e4m3 bits: Module.to(dtype) casts floating-point buffers, not these
@@ -57,6 +57,11 @@ def test_fp8_round_trip_is_within_e4m3_rounding_and_survives_a_dtype_cast():
     module.to(torch.bfloat16)
     assert module.qweight.dtype == torch.uint8 and module.dtype == torch.bfloat16
     torch.testing.assert_close(module.dequantize(torch.float32), before, atol=0, rtol=2 ** -8)  # scales in bf16
+    with pytest.raises(ValueError, match="uint8 bits"):  # float8 codes would not survive that cast
+        QuantizedLinear("fp8", 80, 64, q.view(torch.float8_e4m3fn), scales, torch.float32)
+    with caplog.at_level("WARNING", logger="llmaas.engine.quantization"):
+        quantize_model(tiny_llama(), "fp8", 32, torch.float32)
+    assert "fp8 weights run as dequantize + GEMM on cpu" in caplog.text  # no fp8 GEMM here: the user is told
 
 
 @pytest.mark.parametrize("rows", [128, 48])  # torch's CPU kernel layout (N % 64 == 0) and plain nibbles
