@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quantization import M_BUCKETS, Kernel, QuantizedLinear
+from .quantization import M_BUCKETS, Kernel, QuantizedLinear, called_modules
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def calibrate(model: nn.Module, dtype: torch.dtype, cache_file: str | None = Non
     dequantize + GEMM for transformers' own forward) its measured kernel per M bucket: one measurement per weight
     shape, on that shape's first module; read from ``cache_file`` when it holds this machine's, measured with the
     kernels offered now (a kernel added since is measured)."""
-    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear) and not m.in_fused]
+    modules = called_modules(model)
     if not modules:
         return Calibration({}, 0.0)
     by_shape: dict[str, QuantizedLinear] = {}

@@ -11,15 +11,13 @@ PagedAttention (Kwon et al., 2023), nano-vllm's flat-token model runner.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
 
 from .attention import AttentionMetadata, KVCache, build_metadata, paged_attention
 from .config import triton_block_size_ok
 from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
-from .quantization import FUSED
+from .quantization import FUSED, has_triton
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QKV, GATE_UP = GROUPS
@@ -150,7 +148,7 @@ def resolve_backend(backend: str, device: torch.device | str, block_size: int) -
     else ``torch`` (``backend`` is one of ``config.ATTENTION_BACKENDS``, validated by ``EngineConfig``)."""
     if backend == "auto":
         cuda = torch.device(device).type == "cuda"
-        usable = cuda and triton_block_size_ok(block_size) and importlib.util.find_spec("triton") is not None
+        usable = cuda and triton_block_size_ok(block_size) and has_triton()
         return "triton" if usable else "torch"
     return backend
 

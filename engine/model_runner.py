@@ -12,7 +12,7 @@ from .config import EngineConfig
 from .cpu_allocator import keep_freed_memory
 from .lora import AdapterWeights, LoRABatch, LoRAPool
 from .model import CausalLM
-from .quantization import QuantizedLinear
+from .quantization import called_modules
 from .sampler import TokenLogprob, apply_penalties, compute_logprobs, pick_logprobs, prompt_logprobs, sample, to_device
 from .sampling_params import TokenGuide
 from .scheduler import ScheduledBatch
@@ -70,8 +70,7 @@ class ModelRunner:
         kernels were chosen (a graph replays the kernels it recorded, whatever is chosen later)."""
         if not self._use_graphs or self.graphs is not None:
             return
-        unplanned = [m.shape_key for m in self.model.hf_model.modules()
-                     if isinstance(m, QuantizedLinear) and not m.in_fused and not m.planned]
+        unplanned = [m.shape_key for m in called_modules(self.model.hf_model) if not m.planned]
         if unplanned:
             raise RuntimeError(f"quantized projections {unplanned} have no kernel plan yet: calibrate first")
         from .cuda_graphs import DecodeGraphs  # imports triton, which only the CUDA path needs

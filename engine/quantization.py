@@ -162,6 +162,12 @@ def bucket(rows: int) -> int:
     return len(M_BUCKETS) - 1
 
 
+def called_modules(model: nn.Module) -> list[QuantizedLinear]:
+    """The QuantizedLinear modules the engine calls: fused ones and unfused projections, not the parts of a fused
+    module (transformers' own forward calls those, with dequantize + GEMM)."""
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear) and not m.in_fused]
+
+
 def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 

@@ -38,6 +38,16 @@ def interpreted_kernels(_kernel_copies, monkeypatch):
             monkeypatch.setattr(ops, name, module)
 
 
+@pytest.fixture
+def cuda_quantized_layout(monkeypatch):
+    """Quantized modules built on CPU as the CUDA path builds them: int4 in plain nibbles (what the Triton GEMM
+    reads), and 8 SMs, so decode steps split K."""
+    from llmaas.engine import quantization
+
+    monkeypatch.setattr(quantization, "int4_block_for", lambda q, device=None: 0)
+    monkeypatch.setattr(quantization, "device_sms", lambda device: 8)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     from tests.models import tiny_llama

@@ -16,11 +16,8 @@ pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_decode_step_compiles_once_over_20_steps_of_growing_context(tiny_base_dir, monkeypatch, quantization):
-    from llmaas.engine import quantization as quant
-
-    monkeypatch.setattr(quant, "int4_block_for", lambda q, device=None: 0)  # the CUDA layout, on CPU
-    monkeypatch.setattr(quant, "device_sms", lambda device: 8)
+@pytest.mark.usefixtures("cuda_quantized_layout")
+def test_decode_step_compiles_once_over_20_steps_of_growing_context(tiny_base_dir, quantization):
     engine = make_engine(tiny_base_dir, "triton", quantization=quantization, quant_group_size=32)
     if quantization != "none":  # every projection through the quantized GEMM op
         run_quantized_with(engine, "triton")

@@ -90,15 +90,11 @@ def _fields(params: SamplingParams) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
-def test_quantized_base_through_the_triton_gemm_matches_the_cpu_path(tiny_base_dir, monkeypatch, mode):
+@pytest.mark.usefixtures("cuda_quantized_layout")
+def test_quantized_base_through_the_triton_gemm_matches_the_cpu_path(tiny_base_dir, mode):
     """A quantized base on the CUDA path, every projection and the LM head through the w8a16 / w4a16 Triton GEMM
     (``quant_matmul``, interpreted) in the plain-nibble layout the CUDA path packs int4 in: greedy tokens equal
     the CPU path's with the same quantized weights (dequantize + GEMM), over chunked mixed steps."""
-    from llmaas.engine import quantization
-
-    monkeypatch.setattr(quantization, "int4_block_for", lambda q, device=None: 0)  # the CUDA layout, on CPU
-    monkeypatch.setattr(quantization, "device_sms", lambda device: 8)  # split K on the decode steps
-
     def engine_with(backend: str, kernel: str):
         engine = make_engine(tiny_base_dir, backend, quantization=mode, quant_group_size=32)
         run_quantized_with(engine, kernel)

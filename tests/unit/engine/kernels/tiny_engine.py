@@ -24,9 +24,9 @@ def random_prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
 def run_quantized_with(engine: LLMEngine, kernel: str) -> None:
     """Every quantized projection the engine calls (fused, o/down, LM head) runs ``kernel`` at every batch size:
     "triton" (the CUDA path's GEMM) or "dequant" (the reference), instead of what calibration picked."""
-    from llmaas.engine.quantization import M_BUCKETS, QuantizedLinear
+    from llmaas.engine.quantization import M_BUCKETS, called_modules
 
-    modules = [m for m in engine.model.hf_model.modules() if isinstance(m, QuantizedLinear) and not m.in_fused]
+    modules = called_modules(engine.model.hf_model)
     assert modules, "the engine has no quantized projections"
     for m in modules:
         m.use((m._triton() if kernel == "triton" else m.kernels()["dequant"],) * len(M_BUCKETS))
