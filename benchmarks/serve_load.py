@@ -3,12 +3,18 @@
     python -m llmaas.benchmarks.serve_load --concurrency 1 8 --requests 16 --prompt-tokens 128 --max-tokens 64
     python -m llmaas.benchmarks.serve_load --concurrency 8 --metering-cost   # + the HTTP path with metering off
     python -m llmaas.benchmarks.serve_load --encryption-cost   # adapter load, encrypted root vs clear root
+    python -m llmaas.benchmarks.serve_load --model-source tiny --stream-interval-ms 50   # + batched deltas
 
 Three paths, each at every --concurrency level:
 - bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
 - engine in-process: ``AsyncLLMEngine`` (its own engine thread) driven from this process's event loop;
 - serve: ``serve run`` of the default config, streaming ``/v1/completions`` over HTTP (SSE);
-- with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs.
+- with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs;
+- with --stream-interval-ms MS, a second app, the same but ``stream_interval_ms: MS`` (the model stage batches a
+  stream's deltas): what the per-message cost of the hops is. ``--model-source tiny`` (a tiny random model with
+  the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured.
+Each Serve path also reports the CPU its Router and model replicas spent per output token (from /proc through
+psutil; the model replica's includes the model), a figure far less noisy on a shared box than tok/s.
 --encryption-cost measures something else instead: what a model replica does to load an adapter version
 (``AdapterCache.source`` + ``engine.add_lora``: read, decrypt when sealed, parse, cast) for one
 r16 adapter on every projection of the default model, registered on a clear local root and on an encrypted
@@ -24,11 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmaas.benchmarks.common import (
     RATIO_NOTE,
@@ -36,6 +45,7 @@ from llmaas.benchmarks.common import (
     add_repeats,
     failure,
     interleave,
+    model_source,
     percentile,
     print_table,
     save,
@@ -48,6 +58,11 @@ from llmaas.benchmarks.common import (
 SERVE, ENGINE, BARE = "serve (HTTP, SSE)", "engine in-process", "bare engine"
 UNMETERED = "serve, metering off"
 METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+CPU_METRICS = ["router_cpu_ms_per_tok", "model_cpu_ms_per_tok"]
+
+
+def batched(ms: float) -> str:
+    return f"serve, stream_interval_ms {ms:g}"
 
 
 @dataclass
@@ -72,10 +87,31 @@ def summarize(traces: list[Trace], wall: float) -> dict:
 
 def path_row(name: str, rounds: list[dict]) -> dict:
     """A path's table row: medians over its rounds, the tok/s range, and all its rounds' failures."""
+    cpu = {k: statistics.median(r[k] for r in rounds) for k in CPU_METRICS if k in rounds[0]}
     return {"path": name, "requests": sum(r["requests"] for r in rounds), "failed": sum(r["failed"] for r in rounds),
-            **{k: statistics.median(r[k] for r in rounds) for k in METRICS},
+            **{k: statistics.median(r[k] for r in rounds) for k in METRICS}, **cpu,
             "tok_s_range": span([r["output_tok_s"] for r in rounds]),
             "spread": {k: spread([r[k] for r in rounds]) for k in METRICS}}
+
+
+class ReplicaCPU:
+    """CPU seconds the Router and LLMServer replicas of one Serve app spend, from now until ``per_token``."""
+
+    def __init__(self, app: str) -> None:
+        import psutil
+
+        self.procs = {role: [p for p in psutil.process_iter(["cmdline"])
+                             if f"ServeReplica:{app}:{role}" in " ".join(p.info["cmdline"] or [])]
+                      for role in ("Router", "LLMServer")}
+        self.start = self._seconds()
+
+    def _seconds(self) -> dict[str, float]:
+        return {role: sum(sum(p.cpu_times()[:2]) for p in procs) for role, procs in self.procs.items()}
+
+    def per_token(self, tokens: int) -> dict[str, float]:
+        end = self._seconds()
+        per = {role: (end[role] - self.start[role]) * 1e3 / max(tokens, 1) for role in end}
+        return {"router_cpu_ms_per_tok": per["Router"], "model_cpu_ms_per_tok": per["LLMServer"]}
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -155,7 +191,8 @@ def run_bare(engine, prompts: list[list[int]], max_tokens: int, concurrency: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-source", default="default", help="'default' (SmolLM2) or a checkpoint dir")
+    parser.add_argument("--model-source", default="default",
+                        help="'default' (SmolLM2), 'tiny' (a tiny random model with its tokenizer) or a checkpoint dir")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="in-flight requests (levels)")
     parser.add_argument("--requests", type=int, default=16, help="requests per round (at least the concurrency)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -166,6 +203,8 @@ def main() -> None:
                         help="also serve an app with usage_metering off and report metering on / off")
     parser.add_argument("--encryption-cost", action="store_true",
                         help="instead: adapter load time on an encrypted root vs a clear one")
+    parser.add_argument("--stream-interval-ms", type=float, default=None,
+                        help="also serve an app with this stream_interval_ms and report it against the default")
     parser.add_argument("--loads", type=int, default=10, help="adapter loads per round (--encryption-cost)")
     add_repeats(parser)
     parser.add_argument("--no-save", action="store_true")
@@ -180,10 +219,12 @@ def main() -> None:
 
     from llmaas.app.model_source import load_model, resolve_model
     from llmaas.deployments.builder import build_app
-    from llmaas.deployments.config import AppConfig
+    from llmaas.deployments.config import SERVE_ENV_VARS, AppConfig
     from llmaas.engine import AsyncLLMEngine, LLMEngine, openmp
 
     top = max(args.concurrency)
+    if args.model_source == "tiny":
+        args.model_source = model_source(None, Path(tempfile.mkdtemp(prefix="llmaas-bench-")))
     app_args = {"model": {"source": args.model_source},
                 "engine": {"torch_threads": args.torch_threads, "max_num_seqs": max(top, 8)}}
     config = AppConfig.model_validate(app_args)
@@ -192,12 +233,16 @@ def main() -> None:
     # The Serve path (proxy -> Router (tokenizes) -> LLMServer (streaming handle) -> SSE), and the same engine
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
+    os.environ.update(SERVE_ENV_VARS)  # as `make serve` starts Ray: the proxy runs with them too
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     if args.metering_cost:  # its own storage root: the same engine config, no usage ledger
         serve.run(build_app({**app_args, "usage_metering": False, "storage_root": str(
             config.model.cache_dir / "bench-unmetered")}), name="bench-unmetered", route_prefix="/unmetered")
+    if args.stream_interval_ms is not None:
+        serve.run(build_app({**app_args, "stream_interval_ms": args.stream_interval_ms}), name="bench-batched",
+                  route_prefix="/batched")
     url = f"http://127.0.0.1:{args.port}"
     torch.set_num_threads(args.torch_threads)
 
@@ -209,18 +254,22 @@ def main() -> None:
     loop = asyncio.new_event_loop()  # one loop for every round: the engine's thread delivers to the first one
 
     def side(run: Callable[..., Awaitable[list[Trace]] | list[Trace]], concurrency: int,
-             after: Callable[[], None]) -> Callable[[int], dict]:
+             after: Callable[[], None], app: str | None = None) -> Callable[[int], dict]:
         def one_round(r: int) -> dict:
             # new prompts for every round and level: no prefix-cache reuse across them
             prompts = make_prompts(max(args.requests, concurrency), args.prompt_tokens, vocab,
                                    seed=concurrency * 1000 + r)
+            cpu = ReplicaCPU(app) if app is not None else None
             t = time.perf_counter()
             traces = run(prompts, args.max_tokens, concurrency)
             if not isinstance(traces, list):
                 traces = loop.run_until_complete(traces)
             wall = time.perf_counter() - t
             after()
-            return summarize(traces, wall)
+            summary = summarize(traces, wall)
+            if cpu is not None:
+                summary |= cpu.per_token(summary["output_tokens"])
+            return summary
         return one_round
 
     def engine_pool_back() -> None:
@@ -231,9 +280,13 @@ def main() -> None:
         for c in args.concurrency:
             paths = {BARE: side(lambda *a: run_bare(bare, *a), c, openmp.release_pool),
                      ENGINE: side(lambda *a: run_engine(engine, *a), c, engine_pool_back),
-                     SERVE: side(lambda *a: run_http(url, "base", *a), c, lambda: None)}
+                     SERVE: side(lambda *a: run_http(url, "base", *a), c, lambda: None, "bench")}
             if args.metering_cost:
-                paths[UNMETERED] = side(lambda *a: run_http(f"{url}/unmetered", "base", *a), c, lambda: None)
+                paths[UNMETERED] = side(lambda *a: run_http(f"{url}/unmetered", "base", *a), c, lambda: None,
+                                        "bench-unmetered")
+            if args.stream_interval_ms is not None:
+                paths[batched(args.stream_interval_ms)] = side(lambda *a: run_http(f"{url}/batched", "base", *a), c,
+                                                               lambda: None, "bench-batched")
             runs[c] = interleave(paths, args.repeats)
     finally:
         engine.shutdown()
@@ -245,7 +298,6 @@ def main() -> None:
 
 
 def encryption_cost(args) -> None:
-    import os
     import tempfile
     from pathlib import Path
 
@@ -307,10 +359,14 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
                      "serve_minus_engine_ttft_p50_ms": serve_["ttft_p50_ms"] - engine_["ttft_p50_ms"]}
         if UNMETERED in level:
             ratios[c]["metering_on_over_off_tok_s"] = serve_["output_tok_s"] / level[UNMETERED]["output_tok_s"]
+        if args.stream_interval_ms is not None:
+            other = level[batched(args.stream_interval_ms)]
+            ratios[c]["batched_over_engine_tok_s"] = other["output_tok_s"] / engine_["output_tok_s"]
+            ratios[c]["batched_minus_engine_ttft_p50_ms"] = other["ttft_p50_ms"] - engine_["ttft_p50_ms"]
     errors = collections.Counter(e for paths in runs.values() for rounds in paths.values() for r in rounds
                                  for e in r["errors"])
     print_table(rows, ["concurrency", "path", "requests", "failed", "output_tok_s", "tok_s_range", "ttft_p50_ms",
-                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
+                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", *CPU_METRICS])
     print(f"medians of {args.repeats} interleaved rounds after a warm-up round; {RATIO_NOTE}")
     for c, ratio in ratios.items():
         print(f"concurrency {c}: in-process / bare {ratio['engine_over_bare_tok_s']:.3f}  "
@@ -318,10 +374,13 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
               f"serve / in-process {ratio['serve_over_engine_tok_s']:.3f}  "
               f"TTFT p50 serve - in-process {ratio['serve_minus_engine_ttft_p50_ms']:+.1f} ms" +
               (f"  metering on / off {ratio['metering_on_over_off_tok_s']:.3f}"
-               if "metering_on_over_off_tok_s" in ratio else ""))
+               if "metering_on_over_off_tok_s" in ratio else "") +
+              (f"  batched serve / in-process {ratio['batched_over_engine_tok_s']:.3f}, TTFT p50 "
+               f"{ratio['batched_minus_engine_ttft_p50_ms']:+.1f} ms" if "batched_over_engine_tok_s" in ratio else ""))
     print("failures:", dict(errors) or "none")
     if not args.no_save:
-        name = "serve_load_metering" if args.metering_cost else "serve_load"
+        name = "serve_load_metering" if args.metering_cost else \
+            "serve_load_stream_interval" if args.stream_interval_ms is not None else "serve_load"
         path = save(name, {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
                            "errors": dict(errors), "rounds": runs})
         plot(rows, RESULTS / f"{name}.png")

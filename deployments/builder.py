@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
-from llmaas.deployments.config import AppConfig
+from llmaas.deployments.config import SERVE_ENV_VARS, AppConfig
 from llmaas.deployments.llm_server import LLMServer
 from llmaas.deployments.router import Router
 from llmaas.deployments.tokenizer import Tokenizer
@@ -14,4 +14,14 @@ from llmaas.deployments.tokenizer import Tokenizer
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Router(ingress) -> Tokenizer, LLMServer. ``args`` are AppConfig fields (serve_config.yaml ``args``)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    return Router.bind(Tokenizer.bind(config), LLMServer.bind(config), config)
+    return with_serve_env(Router).bind(with_serve_env(Tokenizer).bind(config), with_serve_env(LLMServer).bind(config),
+                                       config)
+
+
+def with_serve_env(deployment: Deployment) -> Deployment:
+    """The deployment with SERVE_ENV_VARS in its replicas' environment (a deploy config's ``ray_actor_options``
+    replace these; serve_config.yaml sets them for the whole application instead)."""
+    options = dict(deployment.ray_actor_options or {})
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**SERVE_ENV_VARS, **(runtime_env.get("env_vars") or {})}
+    return deployment.options(ray_actor_options={**options, "runtime_env": runtime_env})
