@@ -6,9 +6,6 @@ PY     := $(VENV)/bin/python
 # PIP_EXTRA_INDEX_URL pointing at the CUDA wheels you use (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-# Serve's throughput settings (deployments/config.py SERVE_ENV_VARS), for the processes the local Ray starts (proxy)
-SERVE_ENV := RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
-
 .PHONY: setup browser serve test bench clean
 
 $(VENV)/.installed: pyproject.toml
@@ -30,7 +27,7 @@ browser:
 
 serve: setup
 	$(VENV)/bin/llmaas prepare
-	$(SERVE_ENV) $(VENV)/bin/serve run serve_config.yaml
+	$(VENV)/bin/serve run serve_config.yaml
 
 test: setup browser
 	$(PY) -m pytest -q --durations=25 tests

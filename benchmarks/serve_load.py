@@ -4,6 +4,7 @@
     python -m llmaas.benchmarks.serve_load --concurrency 8 --metering-cost   # + the HTTP path with metering off
     python -m llmaas.benchmarks.serve_load --encryption-cost   # adapter load, encrypted root vs clear root
     python -m llmaas.benchmarks.serve_load --model-source tiny --stream-interval-ms 50   # + batched deltas
+    python -m llmaas.benchmarks.serve_load --model-source tiny --serve-defaults   # + Serve's default threading
 
 Three paths, each at every --concurrency level:
 - bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
@@ -12,7 +13,9 @@ Three paths, each at every --concurrency level:
 - with --metering-cost, a second app, the same but ``usage_metering: false``: what metering costs;
 - with --stream-interval-ms MS, a second app, the same but ``stream_interval_ms: MS`` (the model stage batches a
   stream's deltas): what the per-message cost of the hops is. ``--model-source tiny`` (a tiny random model with
-  the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured.
+  the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured;
+- with --serve-defaults, a second app, the same but its replicas on Serve's default threading (SERVE_ENV_VARS
+  back at Serve's defaults: user code and handle routers each on a thread of their own): what those cost.
 Each Serve path also reports the CPU its Router and model replicas spent per output token (from /proc through
 psutil; the model replica's includes the model), a figure far less noisy on a shared box than tok/s.
 --encryption-cost measures something else instead: what a model replica does to load an adapter version
@@ -61,8 +64,24 @@ METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_
 CPU_METRICS = ["router_cpu_ms_per_tok", "model_cpu_ms_per_tok"]
 
 
+SERVE_DEFAULTS = "serve, Serve's default threading"
+
+
 def batched(ms: float) -> str:
     return f"serve, stream_interval_ms {ms:g}"
+
+
+def with_serve_defaults(config):
+    """The app as build_app() wires it, its replicas on Serve's own default threading instead of SERVE_ENV_VARS."""
+    from llmaas.deployments.config import SERVE_ENV_VARS
+    from llmaas.deployments.llm_server import LLMServer
+    from llmaas.deployments.router import Router
+    from llmaas.deployments.tokenizer import Tokenizer
+
+    def plain(d):
+        return d.options(ray_actor_options={**d.ray_actor_options,
+                                            "runtime_env": {"env_vars": {k: "1" for k in SERVE_ENV_VARS}}})
+    return plain(Router).bind(plain(Tokenizer).bind(config), plain(LLMServer).bind(config), config)
 
 
 @dataclass
@@ -103,10 +122,19 @@ class ReplicaCPU:
         self.procs = {role: [p for p in psutil.process_iter(["cmdline"])
                              if f"ServeReplica:{app}:{role}" in " ".join(p.info["cmdline"] or [])]
                       for role in ("Router", "LLMServer")}
+        missing = [role for role, procs in self.procs.items() if not procs]
+        assert not missing, f"no {missing} replica process of app {app!r} found"
         self.start = self._seconds()
 
     def _seconds(self) -> dict[str, float]:
-        return {role: sum(sum(p.cpu_times()[:2]) for p in procs) for role, procs in self.procs.items()}
+        import psutil
+
+        def cpu(p) -> float:
+            try:
+                return sum(p.cpu_times()[:2])
+            except psutil.NoSuchProcess:  # a replica replaced mid-round: its time is lost, the round is not
+                return 0.0
+        return {role: sum(cpu(p) for p in procs) for role, procs in self.procs.items()}
 
     def per_token(self, tokens: int) -> dict[str, float]:
         end = self._seconds()
@@ -205,6 +233,8 @@ def main() -> None:
                         help="instead: adapter load time on an encrypted root vs a clear one")
     parser.add_argument("--stream-interval-ms", type=float, default=None,
                         help="also serve an app with this stream_interval_ms and report it against the default")
+    parser.add_argument("--serve-defaults", action="store_true",
+                        help="also serve the app on Serve's default threading and report it against ours")
     parser.add_argument("--loads", type=int, default=10, help="adapter loads per round (--encryption-cost)")
     add_repeats(parser)
     parser.add_argument("--no-save", action="store_true")
@@ -219,7 +249,7 @@ def main() -> None:
 
     from llmaas.app.model_source import load_model, resolve_model
     from llmaas.deployments.builder import build_app
-    from llmaas.deployments.config import SERVE_ENV_VARS, AppConfig
+    from llmaas.deployments.config import AppConfig
     from llmaas.engine import AsyncLLMEngine, LLMEngine, openmp
 
     top = max(args.concurrency)
@@ -233,7 +263,6 @@ def main() -> None:
     # The Serve path (proxy -> Router (tokenizes) -> LLMServer (streaming handle) -> SSE), and the same engine
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
-    os.environ.update(SERVE_ENV_VARS)  # as `make serve` starts Ray: the proxy runs with them too
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")
@@ -243,6 +272,8 @@ def main() -> None:
     if args.stream_interval_ms is not None:
         serve.run(build_app({**app_args, "stream_interval_ms": args.stream_interval_ms}), name="bench-batched",
                   route_prefix="/batched")
+    if args.serve_defaults:
+        serve.run(with_serve_defaults(config), name="bench-defaults", route_prefix="/defaults")
     url = f"http://127.0.0.1:{args.port}"
     torch.set_num_threads(args.torch_threads)
 
@@ -287,6 +318,9 @@ def main() -> None:
             if args.stream_interval_ms is not None:
                 paths[batched(args.stream_interval_ms)] = side(lambda *a: run_http(f"{url}/batched", "base", *a), c,
                                                                lambda: None, "bench-batched")
+            if args.serve_defaults:
+                paths[SERVE_DEFAULTS] = side(lambda *a: run_http(f"{url}/defaults", "base", *a), c, lambda: None,
+                                             "bench-defaults")
             runs[c] = interleave(paths, args.repeats)
     finally:
         engine.shutdown()
@@ -363,6 +397,13 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
             other = level[batched(args.stream_interval_ms)]
             ratios[c]["batched_over_engine_tok_s"] = other["output_tok_s"] / engine_["output_tok_s"]
             ratios[c]["batched_minus_engine_ttft_p50_ms"] = other["ttft_p50_ms"] - engine_["ttft_p50_ms"]
+        if args.serve_defaults:
+            plain = level[SERVE_DEFAULTS]
+            ratios[c]["ours_over_serve_defaults_tok_s"] = serve_["output_tok_s"] / plain["output_tok_s"]
+            ratios[c]["ours_over_serve_defaults_router_cpu"] = (serve_["router_cpu_ms_per_tok"]
+                                                                / plain["router_cpu_ms_per_tok"])
+            ratios[c]["ours_over_serve_defaults_model_cpu"] = (serve_["model_cpu_ms_per_tok"]
+                                                               / plain["model_cpu_ms_per_tok"])
     errors = collections.Counter(e for paths in runs.values() for rounds in paths.values() for r in rounds
                                  for e in r["errors"])
     print_table(rows, ["concurrency", "path", "requests", "failed", "output_tok_s", "tok_s_range", "ttft_p50_ms",
@@ -376,11 +417,16 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
               (f"  metering on / off {ratio['metering_on_over_off_tok_s']:.3f}"
                if "metering_on_over_off_tok_s" in ratio else "") +
               (f"  batched serve / in-process {ratio['batched_over_engine_tok_s']:.3f}, TTFT p50 "
-               f"{ratio['batched_minus_engine_ttft_p50_ms']:+.1f} ms" if "batched_over_engine_tok_s" in ratio else ""))
+               f"{ratio['batched_minus_engine_ttft_p50_ms']:+.1f} ms" if "batched_over_engine_tok_s" in ratio else "") +
+              (f"  ours / Serve's default threading: tok/s {ratio['ours_over_serve_defaults_tok_s']:.3f}, Router CPU "
+               f"per token {ratio['ours_over_serve_defaults_router_cpu']:.3f}, model replica CPU per token "
+               f"{ratio['ours_over_serve_defaults_model_cpu']:.3f}" if "ours_over_serve_defaults_tok_s" in ratio
+               else ""))
     print("failures:", dict(errors) or "none")
     if not args.no_save:
         name = "serve_load_metering" if args.metering_cost else \
-            "serve_load_stream_interval" if args.stream_interval_ms is not None else "serve_load"
+            "serve_load_stream_interval" if args.stream_interval_ms is not None else \
+            "serve_load_serve_defaults" if args.serve_defaults else "serve_load"
         path = save(name, {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
                            "errors": dict(errors), "rounds": runs})
         plot(rows, RESULTS / f"{name}.png")

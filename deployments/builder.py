@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray.serve import Application, Deployment
 
 from llmaas.deployments.config import SERVE_ENV_VARS, AppConfig
@@ -19,9 +20,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def with_serve_env(deployment: Deployment) -> Deployment:
-    """The deployment with SERVE_ENV_VARS in its replicas' environment (a deploy config's ``ray_actor_options``
-    replace these; serve_config.yaml sets them for the whole application instead)."""
+    """The deployment with SERVE_ENV_VARS in its replicas' environment, on top of the driver's runtime_env (which
+    Serve copies into a deployment only where it has none of its own). A deploy config's ``ray_actor_options``
+    replace these; serve_config.yaml sets them for the whole application instead."""
     options = dict(deployment.ray_actor_options or {})
-    runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**SERVE_ENV_VARS, **(runtime_env.get("env_vars") or {})}
+    job_env = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    runtime_env = {**job_env, **(options.get("runtime_env") or {})}
+    runtime_env["env_vars"] = {**(job_env.get("env_vars") or {}), **SERVE_ENV_VARS,
+                               **((options.get("runtime_env") or {}).get("env_vars") or {})}
     return deployment.options(ray_actor_options={**options, "runtime_env": runtime_env})

@@ -89,9 +89,6 @@ def ray_cluster(s3_server, master_key_file):
     import ray
     from ray import serve
 
-    from llmaas.deployments.config import SERVE_ENV_VARS
-
-    os.environ.update(SERVE_ENV_VARS)  # as `make serve` starts Ray: the proxy runs with them too
     # Logical CPUs: the stages ask for fractions, and two apps (tiny + default model) share the box.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
     port = free_port()

@@ -28,16 +28,14 @@ def test_serve_config_validates_and_names_real_deployments():
     assert llm.ray_actor_options.num_gpus == 0
 
 
-def test_serve_settings_are_the_same_in_code_config_and_makefile():
-    """SERVE_ENV_VARS reach every replica whichever way the app is started: build_app() (Python, tests), the deploy
-    config (whose ray_actor_options replace the code's), and `make serve` (the proxy's environment)."""
+def test_serve_settings_are_the_same_in_code_and_config():
+    """SERVE_ENV_VARS reach every replica whichever way the app is started: build_app() (Python, tests) and the
+    deploy config (whose ray_actor_options replace the code's)."""
     from llmaas.deployments.builder import build_app
     from llmaas.deployments.config import SERVE_ENV_VARS
 
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     assert raw["applications"][0]["runtime_env"]["env_vars"] == SERVE_ENV_VARS
-    makefile = (ROOT / "Makefile").read_text()
-    assert all(f"{k}={v}" in makefile for k, v in SERVE_ENV_VARS.items())
     router = build_app({})._bound_deployment
     deployments = [router, *(a._bound_deployment for a in router.init_args if hasattr(a, "_bound_deployment"))]
     for d in deployments:
@@ -46,15 +44,16 @@ def test_serve_settings_are_the_same_in_code_config_and_makefile():
 
 
 def test_replicas_run_with_the_serve_settings(serve_app):
-    """The running replicas of each stage have them in their environment, where Serve reads them at start."""
+    """The running replicas of each stage have them in their environment, where Serve reads them at start (the
+    tests' Ray, like a user's cluster, starts without them: only the replicas' runtime_env brings them)."""
     import ray
 
     from llmaas.deployments.config import SERVE_ENV_VARS
     from tests.integration.conftest import APP
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#" in a["name"]]
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#" in a["name"]]
     for role in ("LLMServer", "Router", "Tokenizer"):
-        replica = next(n for n in names if f"#{role}#" in n)
-        env = ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(
+        replica = next(a for a in actors if f"#{role}#" in a["name"])
+        env = ray.get(ray.get_actor(replica["name"], namespace=replica["namespace"]).__ray_call__.remote(
             lambda self, keys=tuple(SERVE_ENV_VARS): {k: __import__("os").environ.get(k) for k in keys}))
         assert env == SERVE_ENV_VARS, role
