@@ -18,10 +18,11 @@ from llmaas.training.config import JobResources
 # Router -> proxy): user code on the replica's main event loop instead of a thread of its own, and a deployment
 # handle's router on the caller's loop instead of a thread of its own, so no streamed item changes threads on its
 # way. Measured (benchmarks/serve_load.py --model-source tiny --serve-defaults, README): at concurrency 8 about 20%
-# less CPU per streamed token in the Router and the model replica, 1.26x the HTTP throughput. Serve reads them when a replica starts: build_app() puts
-# them in every replica's runtime_env, serve_config.yaml in the application's. Never in the environment a whole
-# Ray cluster starts with: a driver (a Ray job calling the app through serve.get_app_handle) would inherit
-# RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, and its handles then refuse calls made outside an event loop.
+# less CPU per streamed token in the Router and the model replica, 1.26x the HTTP throughput. Serve reads them
+# when a replica starts: build_app() puts them in every replica's runtime_env, serve_config.yaml in the
+# application's. Never in the environment a whole Ray cluster starts with: a driver (a Ray job calling the app
+# through serve.get_app_handle) would inherit RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, and its handles then
+# refuse calls made outside an event loop.
 SERVE_ENV_VARS: dict[str, str] = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
