@@ -126,19 +126,23 @@ class ReplicaCPU:
         assert not missing, f"no {missing} replica process of app {app!r} found"
         self.start = self._seconds()
 
-    def _seconds(self) -> dict[str, float]:
+    def _seconds(self) -> dict[int, float]:
+        """CPU seconds so far of each replica process still alive."""
         import psutil
 
-        def cpu(p) -> float:
-            try:
-                return sum(p.cpu_times()[:2])
-            except psutil.NoSuchProcess:  # a replica replaced mid-round: its time is lost, the round is not
-                return 0.0
-        return {role: sum(cpu(p) for p in procs) for role, procs in self.procs.items()}
+        seconds = {}
+        for procs in self.procs.values():
+            for p in procs:
+                try:
+                    seconds[p.pid] = sum(p.cpu_times()[:2])
+                except psutil.NoSuchProcess:  # a replica replaced mid-round: counted up to its last reading
+                    pass
+        return seconds
 
     def per_token(self, tokens: int) -> dict[str, float]:
         end = self._seconds()
-        per = {role: (end[role] - self.start[role]) * 1e3 / max(tokens, 1) for role in end}
+        per = {role: sum(end[p.pid] - self.start[p.pid] for p in procs if p.pid in end and p.pid in self.start)
+               * 1e3 / max(tokens, 1) for role, procs in self.procs.items()}
         return {"router_cpu_ms_per_tok": per["Router"], "model_cpu_ms_per_tok": per["LLMServer"]}
 
 
@@ -263,7 +267,8 @@ def main() -> None:
     # The Serve path (proxy -> Router (tokenizes) -> LLMServer (streaming handle) -> SSE), and the same engine
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    apps = 1 + args.metering_cost + (args.stream_interval_ms is not None) + args.serve_defaults
+    ray.init(num_cpus=max(4, 1 + 2 * apps), include_dashboard=False, log_to_driver=False)  # each app asks for 1.2 CPUs
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     if args.metering_cost:  # its own storage root: the same engine config, no usage ledger

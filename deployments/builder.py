@@ -22,9 +22,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def with_serve_env(deployment: Deployment) -> Deployment:
     """The deployment with SERVE_ENV_VARS in its replicas' environment, on top of the driver's runtime_env (which
     Serve copies into a deployment only where it has none of its own). A deploy config's ``ray_actor_options``
-    replace these; serve_config.yaml sets them for the whole application instead."""
+    replace these; serve_config.yaml sets them for the whole application instead.
+
+    Before Ray is up the driver's runtime_env is unknown: the deployment is left as it is (Serve's threading, and
+    Serve copies the driver's runtime_env at ``serve.run``), rather than replicas losing a job's pip or env_vars.
+    """
+    if not ray.is_initialized():
+        return deployment
     options = dict(deployment.ray_actor_options or {})
-    job_env = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    job_env = dict(ray.get_runtime_context().runtime_env or {})
     runtime_env = {**job_env, **(options.get("runtime_env") or {})}
     runtime_env["env_vars"] = {**(job_env.get("env_vars") or {}), **SERVE_ENV_VARS,
                                **((options.get("runtime_env") or {}).get("env_vars") or {})}

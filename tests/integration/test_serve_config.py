@@ -28,9 +28,9 @@ def test_serve_config_validates_and_names_real_deployments():
     assert llm.ray_actor_options.num_gpus == 0
 
 
-def test_serve_settings_are_the_same_in_code_and_config():
+def test_serve_settings_are_the_same_in_code_and_config(ray_cluster):
     """SERVE_ENV_VARS reach every replica whichever way the app is started: build_app() (Python, tests) and the
-    deploy config (whose ray_actor_options replace the code's)."""
+    deploy config (whose ray_actor_options replace the code's). build_app() applies them once Ray is up."""
     from llmaas.deployments.builder import build_app
     from llmaas.deployments.config import SERVE_ENV_VARS
 
