@@ -73,15 +73,13 @@ def batched(ms: float) -> str:
 
 def with_serve_defaults(config):
     """The app as build_app() wires it, its replicas on Serve's own default threading instead of SERVE_ENV_VARS."""
+    from llmaas.deployments.builder import wire
     from llmaas.deployments.config import SERVE_ENV_VARS
-    from llmaas.deployments.llm_server import LLMServer
-    from llmaas.deployments.router import Router
-    from llmaas.deployments.tokenizer import Tokenizer
 
     def plain(d):
         return d.options(ray_actor_options={**d.ray_actor_options,
                                             "runtime_env": {"env_vars": {k: "1" for k in SERVE_ENV_VARS}}})
-    return plain(Router).bind(plain(Tokenizer).bind(config), plain(LLMServer).bind(config), config)
+    return wire(config, plain)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """build_app(): wires the serving graph. serve_config.yaml's import_path points here."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -15,8 +16,12 @@ from llmaas.deployments.tokenizer import Tokenizer
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Router(ingress) -> Tokenizer, LLMServer. ``args`` are AppConfig fields (serve_config.yaml ``args``)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    return with_serve_env(Router).bind(with_serve_env(Tokenizer).bind(config), with_serve_env(LLMServer).bind(config),
-                                       config)
+    return wire(config, with_serve_env)
+
+
+def wire(config: AppConfig, dress: Callable[[Deployment], Deployment]) -> Application:
+    """The serving graph, each deployment passed through ``dress`` (its replicas' options) first."""
+    return dress(Router).bind(dress(Tokenizer).bind(config), dress(LLMServer).bind(config), config)
 
 
 def with_serve_env(deployment: Deployment) -> Deployment:
@@ -31,7 +36,6 @@ def with_serve_env(deployment: Deployment) -> Deployment:
         return deployment
     options = dict(deployment.ray_actor_options or {})
     job_env = dict(ray.get_runtime_context().runtime_env or {})
-    runtime_env = {**job_env, **(options.get("runtime_env") or {})}
-    runtime_env["env_vars"] = {**(job_env.get("env_vars") or {}), **SERVE_ENV_VARS,
-                               **((options.get("runtime_env") or {}).get("env_vars") or {})}
-    return deployment.options(ray_actor_options={**options, "runtime_env": runtime_env})
+    own = options.get("runtime_env") or {}
+    env_vars = {**(job_env.get("env_vars") or {}), **SERVE_ENV_VARS, **(own.get("env_vars") or {})}
+    return deployment.options(ray_actor_options={**options, "runtime_env": {**job_env, **own, "env_vars": env_vars}})
