@@ -1,5 +1,5 @@
-"""Ops per decoder layer of one decode step, and host time to prepare that step: the CPU path (transformers
-modules, gathered attention) against the CUDA path (fused weights, Triton kernels).
+"""Ops per decoder layer of one decode step, and host time to prepare that step: the CPU path (torch ops over
+fused weights, gathered attention) against the CUDA path (fused weights, Triton kernels).
 
     python -m benchmarks.op_count                          # Llama-3.2-1B shape, 256 sequences of 256 tokens
     python -m benchmarks.op_count --loras 8                # with every sequence on one of 8 adapters
@@ -63,7 +63,7 @@ def decode_step(num_layers: int, backend: str, num_seqs: int, context: int, lora
     blocks = -(-(context + 1) // BLOCK_SIZE)
     tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(num_seqs)]
     kv = KVCache(num_layers, num_seqs * blocks * BLOCK_SIZE, model.num_kv_heads, model.head_dim, torch.bfloat16,
-                 "meta")
+                 "meta", model.head_major_cache)
     pool = LoRAPool(loras, RANK, num_layers, model.projection_shapes(), torch.bfloat16, "meta") if loras else None
     per = -(-num_seqs // loras) if loras else 0
     segments = [(s, min(s + per, num_seqs), i) for i, s in enumerate(range(0, num_seqs, per))] if loras else []
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--loras", type=int, default=0, help="adapters the sequences are spread over (0: none)")
     args = p.parse_args()
     rows = []
-    for backend, path in (("torch", "CPU path (transformers modules, gathered attention)"),
+    for backend, path in (("torch", "CPU path (torch ops, gathered attention)"),
                           ("triton", "CUDA path (fused weights, Triton kernels)")):
         count, by_name = ops_per_layer(backend, args.seqs, args.context, args.loras)
         rows.append({"path": path, "backend": backend, "ops_per_layer": count,

@@ -1,10 +1,17 @@
 """Paged KV cache and attention over it.
 
-The cache is one flat slot array per layer; slot = block_id * block_size + offset.
-Attention gathers each sequence's keys/values through its block table into a padded
-[B, K] layout and runs PyTorch SDPA with a boolean mask, which covers prefill,
-chunked prefill and decode with one code path (the gather is the price of not having
-a paged-attention kernel; see benchmarks/engine_throughput.py for what it costs).
+The cache is one slot array per layer; slot = block_id * block_size + offset. Two layouts:
+
+- head-major (the CPU path): ``[L, kv_heads, slots, D]``. A sequence's keys are gathered a whole block at a
+  time (``block_size * D`` contiguous values per KV head and block) straight into the ``[kv_heads, B, K, D]``
+  layout the attention matmuls read, with no transpose copy: on a 2-core Xeon that made decode attention
+  1.2-1.8x faster than gathering single slots of a slot-major cache and transposing them (``B`` 1-32, fp32
+  and bf16; ``benchmarks/single_stream`` measures the whole engine).
+- slot-major (the Triton kernels'): ``[L, slots, kv_heads, D]``.
+
+Attention pads every sequence to the step's widest block table (``K`` = blocks x block size) and masks keys
+past each query's position, which covers prefill, chunked prefill and decode with one gather (the gather is
+the price of not having a paged-attention kernel on CPU).
 """
 from __future__ import annotations
 
@@ -18,21 +25,26 @@ import torch.nn.functional as F
 class AttentionMetadata:
     """Per-step tensors shared by every layer."""
 
+    block_size: int  # slots per cache block
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
-    query_index: torch.Tensor  # [B, Q] flat token index of each (sequence, query) cell; padding -> 0
-    key_slots: torch.Tensor  # [B, K] cache slot of each sequence's key j; padding -> 0
-    mask: torch.Tensor  # [B, 1, Q, K] True where query may attend key
-    token_cells: torch.Tensor  # [num_tokens] flat index b * Q + q of each new token in the padded layout
+    block_tables: torch.Tensor  # [B, blocks] each sequence's blocks, padded with block 0 (masked)
+    query_index: torch.Tensor | None  # [B, Q] flat token index of each (sequence, query) cell; padding -> 0
+    token_cells: torch.Tensor | None  # [num_tokens] flat index b * Q + q of each new token in the padded layout
+    mask: torch.Tensor | None  # [B, 1, Q, K] True where query may attend key (steps with Q > 1)
+    decode_bias: torch.Tensor | None  # [1, B, 1, K] float32, 0 where the query may attend key, else -inf (Q = 1)
 
 
 class KVCache:
-    """Preallocated keys and values for every layer."""
+    """Preallocated keys and values for every layer (layouts: the module docstring)."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, kv_heads, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, kv_heads, D]
+                 dtype: torch.dtype, device: torch.device | str, head_major: bool = False) -> None:
+        self.head_major = head_major
+        shape = (num_layers, num_kv_heads, num_slots, head_dim) if head_major else (
+            num_layers, num_slots, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, kv_heads, slots, D] or [L, slots, kv_heads, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once: ops per step
 
     @staticmethod
     def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -40,8 +52,39 @@ class KVCache:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [num_tokens, kv_heads, D] stored at ``slot_mapping``."""
-        self.k[layer].index_copy_(0, slot_mapping, k)
-        self.v[layer].index_copy_(0, slot_mapping, v)
+        k_cache, v_cache = self._layers[layer]
+        if self.head_major:
+            k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+            v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+        else:
+            k_cache.index_copy_(0, slot_mapping, k)
+            v_cache.index_copy_(0, slot_mapping, v)
+
+    def block_rows(self, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Head-major only: the rows ``gather`` reads, for every (KV head, sequence, block) in that order.
+
+        Args:
+            block_tables: Shape: [B, blocks].
+        Returns:
+            Shape: [kv_heads * B * blocks].
+        """
+        kv_heads, num_slots = self.k.shape[1], self.k.shape[2]
+        heads = torch.arange(kv_heads, device=block_tables.device)[:, None] * (num_slots // block_size)
+        return (heads + block_tables.reshape(1, -1)).view(-1)
+
+    def gather(self, layer: int, rows: torch.Tensor, num_seqs: int, block_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-major only: each sequence's keys and values, whole blocks at a time (``rows``: ``block_rows``).
+
+        Returns:
+            k, v. Shape: [kv_heads, B, K, D] each, contiguous (K = blocks x block size).
+        """
+        kv_heads, num_slots, head_dim = self.k.shape[1:]
+        out = []
+        for cache in self._layers[layer]:
+            blocks = cache.view(kv_heads * (num_slots // block_size), block_size * head_dim)
+            out.append(blocks.index_select(0, rows).view(kv_heads, num_seqs, -1, head_dim))
+        return out[0], out[1]
 
 
 def build_metadata(starts: list[int], num_new: list[int], block_tables: list[list[int]],
@@ -55,70 +98,56 @@ def build_metadata(starts: list[int], num_new: list[int], block_tables: list[lis
     """
     b = len(starts)
     q_max = max(num_new)
-    ctx = [s + n for s, n in zip(starts, num_new)]
-    k_max = max(ctx)
     starts_t = torch.tensor(starts, dtype=torch.long)  # [B]
     num_new_t = torch.tensor(num_new, dtype=torch.long)  # [B]
-    offsets = torch.cumsum(num_new_t, 0) - num_new_t  # [B] flat index of each sequence's first token
-    q_ar = torch.arange(q_max)  # [Q]
-    q_valid = q_ar[None, :] < num_new_t[:, None]  # [B, Q]
-    query_index = torch.where(q_valid, offsets[:, None] + q_ar[None, :], 0)  # [B, Q]
-    q_pos = torch.where(q_valid, starts_t[:, None] + q_ar[None, :], 0)  # [B, Q]; padding sees key 0 only
     width = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)  # [B, blocks]
-    k_ar = torch.arange(k_max)  # [K]
-    key_slots = tables[:, k_ar // block_size] * block_size + k_ar % block_size  # [B, K]
-    mask = k_ar[None, None, :] <= q_pos[:, :, None]  # [B, Q, K]
-    token_cells = (torch.arange(b)[:, None] * q_max + q_ar[None, :])[q_valid]  # [num_tokens]
+    k_ar = torch.arange(width * block_size)  # [K]
+    q_ar = torch.arange(q_max)  # [Q]
+    q_valid = q_ar[None, :] < num_new_t[:, None]  # [B, Q]
+    q_pos = torch.where(q_valid, starts_t[:, None] + q_ar[None, :], 0)  # [B, Q]; padding sees key 0 only
     new_pos = q_pos[q_valid]  # [num_tokens]
     seq_of_token = torch.arange(b)[:, None].expand(b, q_max)[q_valid]  # [num_tokens]
     slot_mapping = tables[seq_of_token, new_pos // block_size] * block_size + new_pos % block_size
-    return AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
-        query_index=query_index.to(device),
-        key_slots=torch.where(k_ar[None, :] < torch.tensor(ctx)[:, None], key_slots, 0).to(device),
-        mask=mask[:, None].to(device),
-        token_cells=token_cells.to(device),
-    )
+    allowed = k_ar[None, None, :] <= q_pos[:, :, None]  # [B, Q, K]
+    if q_max == 1:  # a decode-only step: every sequence has one query, in flat order
+        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))  # [B, 1, K]
+        return AttentionMetadata(block_size=block_size, slot_mapping=slot_mapping.to(device),
+                                 block_tables=tables.to(device), query_index=None, token_cells=None, mask=None,
+                                 decode_bias=bias.view(1, b, 1, -1).to(device))
+    offsets = torch.cumsum(num_new_t, 0) - num_new_t  # [B] flat index of each sequence's first token
+    query_index = torch.where(q_valid, offsets[:, None] + q_ar[None, :], 0)  # [B, Q]
+    token_cells = (torch.arange(b)[:, None] * q_max + q_ar[None, :])[q_valid]  # [num_tokens]
+    return AttentionMetadata(block_size=block_size, slot_mapping=slot_mapping.to(device),
+                             block_tables=tables.to(device), query_index=query_index.to(device),
+                             token_cells=token_cells.to(device), mask=allowed[:, None].to(device), decode_bias=None)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
     """Causal attention of new tokens over everything their sequence has cached.
 
     ``out[t] = softmax(q[t] . K_seq(t)[:pos(t)+1]^T * scale) V_seq(t)[:pos(t)+1]``
 
     Args:
         q: Shape: [num_tokens, H, D].
-        k_cache, v_cache: Shape: [slots, kv_heads, D] (this layer), already holding the new tokens.
+        k, v: Shape: [kv_heads, B, K, D]: each sequence's keys / values (``KVCache.gather``), already holding
+            the new tokens.
     Returns:
         Shape: [num_tokens, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
+    if meta.decode_bias is not None:
+        return _decode_attention(q, k, v, meta.decode_bias, scale)
     b, q_max = meta.query_index.shape
-    kp = _gather(k_cache, meta.key_slots)  # [B, kv_heads, K, D]
-    vp = _gather(v_cache, meta.key_slots)  # [B, kv_heads, K, D]
-    if q_max == 1:  # a decode-only step: every sequence has one query, in flat order
-        return _decode_attention(q, kp, vp, meta.mask, scale)
     qp = q.index_select(0, meta.query_index.view(-1)).view(b, q_max, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=num_heads != kp.shape[1])  # [B, H, Q, D]
+    out = F.scaled_dot_product_attention(qp, k.transpose(0, 1), v.transpose(0, 1), attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=num_heads != k.shape[0])  # [B, H, Q, D]
     out = out.transpose(1, 2).reshape(b * q_max, num_heads * head_dim)  # [B * Q, H * D]
     return out[meta.token_cells]  # [num_tokens, H * D]
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache: [slots, kv_heads, D], slots: [B, K] -> [B, kv_heads, K, D], contiguous.
-
-    ``index_select`` on the flat slot list is ~8x faster on CPU than advanced indexing with a 2-D
-    index, and batched matmuls over a contiguous copy ~4x faster than over the strided transpose.
-    """
-    b, k_len = slots.shape
-    rows = cache.index_select(0, slots.view(-1))  # [B * K, kv_heads, D]
-    return rows.view(b, k_len, cache.shape[1], cache.shape[2]).transpose(1, 2).contiguous()
-
-
-def _decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor,
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """One query per sequence, as two batched matmuls with the query heads of a KV head stacked.
 
@@ -127,15 +156,16 @@ def _decode_attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, mask:
     Softmax runs in float32, as in transformers' eager attention.
 
     Args:
-        q: Shape: [B, H, D] (token b is sequence b). kp, vp: Shape: [B, kv_heads, K, D].
-        mask: Shape: [B, 1, 1, K], True for keys the query may see.
+        q: Shape: [B, H, D] (token b is sequence b). k, v: Shape: [kv_heads, B, K, D].
+        bias: Shape: [1, B, 1, K], float32: 0 for keys the query may see, -inf for the rest.
     Returns:
         Shape: [B, H * D].
     """
     b, num_heads, head_dim = q.shape
-    kv_heads, k_len = kp.shape[1], kp.shape[2]
+    kv_heads = k.shape[0]
     group = num_heads // kv_heads  # query heads sharing a KV head are consecutive (repeat_interleave)
-    scores = torch.matmul(q.view(b, kv_heads, group, head_dim), kp.transpose(-1, -2)).float() * scale  # [B, kv, G, K]
-    scores.masked_fill_(~mask.view(b, 1, 1, k_len), float("-inf"))
-    probs = scores.softmax(dim=-1).to(q.dtype)  # [B, kv, G, K]
-    return torch.matmul(probs, vp).reshape(b, num_heads * head_dim)  # [B, H * D]
+    qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1)  # [kv, B, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [kv, B, G, K]
+    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale).add_(bias)
+    probs = scores.softmax(dim=-1).to(q.dtype)  # [kv, B, G, K]
+    return torch.matmul(probs, v).transpose(0, 1).reshape(b, num_heads * head_dim)  # [B, H * D]

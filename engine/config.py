@@ -41,7 +41,7 @@ class EngineConfig:
     quant_group_size: int = 32  # int4 input features per scale/zero: 32 is llama.cpp's Q4 block (quality first)
     gguf_file: str | None = None  # int4 (group 32): take the projections' Q4_0/Q4_1 blocks from this file as they are
     kernel_cache_file: str | None = None  # where measured quantized-kernel choices are kept per machine (None: none)
-    # torch: transformers modules + gathered attention (the CPU path); triton: fused weights + Triton kernels (the
+    # torch: torch ops + gathered attention (the CPU path); triton: fused weights + Triton kernels (the
     # CUDA path, engine/triton_model.py; block_size a power of two >= 16); auto: triton on CUDA, torch elsewhere
     attention_backend: str = "auto"
     # Decode steps replayed from CUDA graphs, one per padded batch size (engine/cuda_graphs.py). None: on for the

@@ -41,7 +41,7 @@ class ModelRunner:
         if config.cpu_keep_freed_memory and torch.device(config.device).type == "cpu":
             keep_freed_memory()
         self.kv_cache = KVCache(model.num_layers, num_blocks * config.block_size, model.num_kv_heads,
-                                model.head_dim, config.dtype, config.device)
+                                model.head_dim, config.dtype, config.device, model.head_major_cache)
         self._generators: dict[str, torch.Generator] = {}
         # Grammar masks are computed here while the forward runs (llguidance and torch release the GIL; on a GPU
         # the forward is asynchronous anyway), so a constrained row waits for its mask only if the mask is slower.

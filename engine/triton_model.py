@@ -3,9 +3,9 @@
 Per layer a decode step runs 9 kernels with LoRA off (``benchmarks/op_count.py`` counts them): fused
 residual-add + RMSNorm, one QKV GEMM, RoPE with the K/V cache write, paged attention (+1 split-K merge for long
 contexts), the o_proj GEMM, add + RMSNorm, one gate_up GEMM, SiLU * up, the down GEMM. The CPU path
-(``model.CausalLM``) runs the transformers modules' own ops (~54 per layer) with a gathered attention.
+(``model.CausalLM``) runs torch ops over the same fused weights with a gathered attention.
 
-``CausalLM`` and this class share weights, RoPE tables and the KV cache layout, and answer the same two calls
+``CausalLM`` and this class share weights (fused q/k/v and gate/up) and RoPE tables, and answer the same two calls
 the model runner makes: ``build_metadata`` (the step's attention metadata) and ``prepare_lora`` (the step's
 adapter layout); ``model.build_model`` picks one by the engine's ``attention_backend``.
 """
@@ -22,7 +22,6 @@ from .kernels import paged_attention, sgmv
 from .kernels.ops import kernel_ops
 from .lora import GROUPS, LoRABatch, LoRAPool
 from .model import CausalLM
-from .quantization import FUSED
 from .sampler import to_device
 
 QKV, GATE_UP = GROUPS
@@ -74,6 +73,7 @@ class TritonCausalLM(CausalLM):
     """``CausalLM`` with fused QKV / gate_up weights and the Triton kernels (``engine/kernels``)."""
 
     decode_graphs = True  # a decode step has fixed shapes given fixed-width block tables (cuda_graphs.py)
+    head_major_cache = False  # the kernels read a token's KV heads side by side
 
     def __init__(self, hf_model: nn.Module, max_model_len: int, block_size: int) -> None:
         super().__init__(hf_model, max_model_len)
@@ -82,16 +82,8 @@ class TritonCausalLM(CausalLM):
         self.block_size = block_size
         device = self.cos.device
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self.qkv = [_fused(layer.self_attn, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                             layer.self_attn.v_proj), QKV) for layer in self.layers]
-        self.gate_up = [_fused(layer.mlp, (layer.mlp.gate_proj, layer.mlp.up_proj), GATE_UP) for layer in self.layers]
         self.eps = self.layers[0].input_layernorm.variance_epsilon
         self.ops = kernel_ops()
-        cfg = self.config
-        self.q_width = self.num_heads * self.head_dim
-        self.kv_width = self.num_kv_heads * self.head_dim
-        self.widths = {QKV: (self.q_width, self.kv_width, self.kv_width),
-                       GATE_UP: (cfg.intermediate_size, cfg.intermediate_size)}
 
     def build_metadata(self, starts: list[int], num_new: list[int], block_tables: list[list[int]], block_size: int,
                        device: torch.device | str) -> KernelMetadata:
@@ -174,39 +166,3 @@ class TritonCausalLM(CausalLM):
     def _lora(self, y: torch.Tensor, ax: torch.Tensor, b: torch.Tensor, lora: KernelLoRA, r0: int, col0: int) -> None:
         plan = lora.plan
         self.ops.lora_expand(y, ax, b, lora.scales, plan.order, plan.starts, plan.counts, r0, col0)
-
-
-def _fused(owner: nn.Module, parts: tuple[nn.Module, ...], group: tuple[str, ...]) -> nn.Module:
-    """One module computing the group's projections side by side: a quantized fused module when quantization
-    made one, else an ``nn.Linear`` over the concatenated weights, whose parts become views of it (no second
-    copy of the weights). Parts that are neither (quantized in different formats) run one by one."""
-    existing = getattr(owner, FUSED[group], None)
-    if existing is not None:
-        return existing
-    if not all(isinstance(p, nn.Linear) for p in parts):
-        return _Concat(parts)
-    weight = torch.cat([p.weight for p in parts])  # [sum(out), in]
-    has_bias = parts[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")  # parameters set below
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    row = 0
-    for p in parts:
-        rows = p.weight.shape[0]
-        p.weight = nn.Parameter(weight[row:row + rows], requires_grad=False)
-        if has_bias:
-            p.bias = nn.Parameter(fused.bias[row:row + rows], requires_grad=False)
-        row += rows
-    return fused
-
-
-class _Concat(nn.Module):
-    """The parts' outputs side by side, as a fused module gives them: [T, sum(out)]."""
-
-    def __init__(self, parts: tuple[nn.Module, ...]) -> None:
-        super().__init__()
-        self.parts = list(parts)  # not registered: they belong to the model already
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
