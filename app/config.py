@@ -62,8 +62,8 @@ class EngineSettings(BaseModel):
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="'triton': fused weights and Triton kernels (paged attention, fused norms, RoPE, "
                             "multi-LoRA), the CUDA path, which needs block_size a power of two >= 16; 'torch': "
-                            "transformers' modules with a gathered attention, the CPU path. 'auto': triton on "
-                            "CUDA where triton is installed, torch elsewhere.")
+                            "torch ops over the same fused weights with a gathered attention, the CPU path. "
+                            "'auto': triton on CUDA where triton is installed, torch elsewhere.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 

@@ -11,7 +11,10 @@ The cache is one slot array per layer; slot = block_id * block_size + offset. Tw
 
 Attention pads every sequence to the step's widest block table (``K`` = blocks x block size) and masks keys
 past each query's position, which covers prefill, chunked prefill and decode with one gather (the gather is
-the price of not having a paged-attention kernel on CPU).
+the price of not having a paged-attention kernel on CPU). Masked keys are read too (the tail of a sequence's
+last block, padding blocks): what a block's previous owner left there must not reach another request, so
+non-finite keys and values are stored as 0 (a NaN times a zero probability is still NaN), and decode scores
+are masked by replacement, not by adding -inf.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class AttentionMetadata:
     query_index: torch.Tensor | None  # [B, Q] flat token index of each (sequence, query) cell; padding -> 0
     token_cells: torch.Tensor | None  # [num_tokens] flat index b * Q + q of each new token in the padded layout
     mask: torch.Tensor | None  # [B, 1, Q, K] True where query may attend key (steps with Q > 1)
-    decode_bias: torch.Tensor | None  # [1, B, 1, K] float32, 0 where the query may attend key, else -inf (Q = 1)
+    decode_hidden: torch.Tensor | None  # [1, B, 1, K] True where the query may not attend key (steps with Q = 1)
 
 
 class KVCache:
@@ -51,7 +54,8 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [num_tokens, kv_heads, D] stored at ``slot_mapping``."""
+        """k, v: [num_tokens, kv_heads, D] stored at ``slot_mapping``, non-finite values as 0 (module docstring)."""
+        k, v = torch.nan_to_num(k, 0.0, 0.0, 0.0), torch.nan_to_num(v, 0.0, 0.0, 0.0)
         k_cache, v_cache = self._layers[layer]
         if self.head_major:
             k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
@@ -111,16 +115,15 @@ def build_metadata(starts: list[int], num_new: list[int], block_tables: list[lis
     slot_mapping = tables[seq_of_token, new_pos // block_size] * block_size + new_pos % block_size
     allowed = k_ar[None, None, :] <= q_pos[:, :, None]  # [B, Q, K]
     if q_max == 1:  # a decode-only step: every sequence has one query, in flat order
-        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))  # [B, 1, K]
         return AttentionMetadata(block_size=block_size, slot_mapping=slot_mapping.to(device),
                                  block_tables=tables.to(device), query_index=None, token_cells=None, mask=None,
-                                 decode_bias=bias.view(1, b, 1, -1).to(device))
+                                 decode_hidden=(~allowed).view(1, b, 1, -1).to(device))
     offsets = torch.cumsum(num_new_t, 0) - num_new_t  # [B] flat index of each sequence's first token
     query_index = torch.where(q_valid, offsets[:, None] + q_ar[None, :], 0)  # [B, Q]
     token_cells = (torch.arange(b)[:, None] * q_max + q_ar[None, :])[q_valid]  # [num_tokens]
     return AttentionMetadata(block_size=block_size, slot_mapping=slot_mapping.to(device),
                              block_tables=tables.to(device), query_index=query_index.to(device),
-                             token_cells=token_cells.to(device), mask=allowed[:, None].to(device), decode_bias=None)
+                             token_cells=token_cells.to(device), mask=allowed[:, None].to(device), decode_hidden=None)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -137,8 +140,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
         Shape: [num_tokens, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
-    if meta.decode_bias is not None:
-        return _decode_attention(q, k, v, meta.decode_bias, scale)
+    if meta.decode_hidden is not None:
+        return _decode_attention(q, k, v, meta.decode_hidden, scale)
     b, q_max = meta.query_index.shape
     qp = q.index_select(0, meta.query_index.view(-1)).view(b, q_max, num_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, k.transpose(0, 1), v.transpose(0, 1), attn_mask=meta.mask, scale=scale,
@@ -147,7 +150,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     return out[meta.token_cells]  # [num_tokens, H * D]
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """One query per sequence, as two batched matmuls with the query heads of a KV head stacked.
 
@@ -157,7 +160,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
 
     Args:
         q: Shape: [B, H, D] (token b is sequence b). k, v: Shape: [kv_heads, B, K, D].
-        bias: Shape: [1, B, 1, K], float32: 0 for keys the query may see, -inf for the rest.
+        hidden: Shape: [1, B, 1, K], True for keys the query may not see.
     Returns:
         Shape: [B, H * D].
     """
@@ -166,6 +169,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     group = num_heads // kv_heads  # query heads sharing a KV head are consecutive (repeat_interleave)
     qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1)  # [kv, B, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [kv, B, G, K]
-    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale).add_(bias)
+    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
+    scores.masked_fill_(hidden, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)  # [kv, B, G, K]
     return torch.matmul(probs, v).transpose(0, 1).reshape(b, num_heads * head_dim)  # [B, H * D]

@@ -123,6 +123,8 @@ def load_peft_adapter(path: str | Path | Mapping[str, bytes], name: str, num_lay
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(f"{path}: {key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not have the "
                                f"rank r={rank} its config declares")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{path}: {key} or its lora_B holds NaN or infinite values")
         weights[(layer, module)] = (a, b)
     if not weights:
         raise AdapterError(f"{path}: no LoRA weights found in adapter_model.safetensors")

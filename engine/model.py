@@ -5,7 +5,8 @@ RoPE scaling) are the loaded transformers model's own; we own the layer loop, wi
 into one GEMM, RMSNorm as torch's one op in float32, RoPE on q and k together in three ops, the KV cache writes
 and attention, so tokens of many sequences run in one flat batch (``[num_tokens, hidden]``) instead of a padded
 ``[B, S, hidden]``. On a small model a CPU decode step is mostly per-op overhead, not bytes: 43 ops per layer
-became 32 (``benchmarks/op_count.py``), and the default model's int4 single stream went from 70 to 80 tok/s.
+became 34 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache), and the default
+model's int4 single stream went from 65 to 79 tok/s (``benchmarks/single_stream.py``, fp32, Intel Xeon x2).
 
 References: Llama (Touvron et al., 2023), RoFormer (Su et al., 2021), vLLM's
 PagedAttention (Kwon et al., 2023), nano-vllm's flat-token model runner.

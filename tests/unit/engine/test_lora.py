@@ -133,6 +133,19 @@ def test_rank_over_max_and_wrong_base_are_refused(base, tmp_path):
         engine_for(base).add_lora("wrong", wrong)
 
 
+def test_non_finite_adapter_weights_are_refused(base, tmp_path):
+    """A NaN in an adapter would reach the KV cache of every request that shares a batch with it."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(make_adapter(base, tmp_path / "nan", seed=3))
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    key = next(k for k in weights if ".lora_B." in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        engine_for(base).add_lora("nan", str(path))
+
+
 @pytest.mark.parametrize("ops, resident", [
     ([("acquire", "a"), ("acquire", "b"), ("release", "a"), ("acquire", "c")], {"b", "c"}),  # LRU unpinned evicted
     ([("acquire", "a"), ("release", "a"), ("acquire", "b"), ("release", "b"), ("acquire", "a"), ("acquire", "c")],
