@@ -14,7 +14,8 @@ past each query's position, which covers prefill, chunked prefill and decode wit
 the price of not having a paged-attention kernel on CPU). Masked keys are read too (the tail of a sequence's
 last block, padding blocks): what a block's previous owner left there must not reach another request, so
 non-finite keys and values are stored as 0 (a NaN times a zero probability is still NaN), and decode scores
-are masked by replacement, not by adding -inf.
+are masked by replacement, not by adding -inf. (The Triton path's kernels write the cache themselves, unsanitized:
+they load only positions below each sequence's length, so no stale slot is ever read there.)
 """
 from __future__ import annotations
 

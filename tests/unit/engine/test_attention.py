@@ -8,7 +8,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llmaas.engine.attention import KVCache, build_metadata, paged_attention
-from llmaas.engine.model import _rope
+from llmaas.engine.model import CausalLM, _rope
+from tests.models import tiny_llama
 
 BLOCK = 4
 KV_HEADS, HEAD_DIM = 2, 8
@@ -48,7 +49,7 @@ def fill(cache: KVCache, tables: list[list[int]], lengths: list[int], gen: torch
 @pytest.mark.parametrize("starts, num_new", [
     ([5, 0, 13], [1, 1, 1]),  # decode rows of ragged lengths
     ([0, 7, 3], [6, 1, 4]),  # prefill chunks of different sizes beside a decode row
-    ([0], [9]),  # one prompt over three blocks, the last part full
+    ([0], [9]),  # one prompt over three blocks, one slot of the last in use
 ])
 @pytest.mark.parametrize("heads", [2, 4])  # GQA group 1 and 2
 def test_paged_attention_equals_the_reference(starts, num_new, heads):
@@ -75,15 +76,28 @@ def test_paged_attention_equals_the_reference(starts, num_new, heads):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_what_a_previous_owner_left_never_reaches_the_next_request(starts, num_new, poison):
     """A request whose values went non-finite freed its blocks; sequences now own them, and read their tails
-    (and block 0, the padding block) as masked keys: their outputs stay finite and equal the reference."""
+    (and block 0, the padding block of the shorter table) as masked keys: outputs stay finite and equal the
+    reference."""
     gen = torch.Generator().manual_seed(1)
-    tables = [[0, 3], [5]]
+    tables = [[1, 3], [5]]
     cache = KVCache(1, NUM_BLOCKS * BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu", head_major=True)
     every_slot = torch.arange(NUM_BLOCKS * BLOCK)
     bad = torch.full((NUM_BLOCKS * BLOCK, KV_HEADS, HEAD_DIM), poison)
     cache.write(0, every_slot, bad, bad)  # the previous owner's values
-    lengths = [s + n for s, n in zip(starts, num_new)]
-    keys, values = fill(cache, tables, lengths, gen)
+    assert_attention_equals_reference(cache, tables, starts, num_new, gen)
+
+
+def test_decode_masks_huge_stale_keys_by_replacement():
+    """Finite stale keys large enough that their scores overflow to inf: adding -inf would make NaN."""
+    gen = torch.Generator().manual_seed(3)
+    cache = KVCache(1, NUM_BLOCKS * BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu", head_major=True)
+    cache.k.fill_(3e38)
+    assert_attention_equals_reference(cache, [[1, 3], [5]], [5, 2], [1, 1], gen)
+
+
+def assert_attention_equals_reference(cache: KVCache, tables: list[list[int]], starts: list[int],
+                                      num_new: list[int], gen: torch.Generator) -> None:
+    keys, values = fill(cache, tables, [s + n for s, n in zip(starts, num_new)], gen)
     meta = build_metadata(starts, num_new, tables, BLOCK, "cpu")
     q = torch.randn(sum(num_new), 4, HEAD_DIM, generator=gen)
     k_seq, v_seq = cache.gather(0, cache.block_rows(meta.block_tables, BLOCK), len(starts), BLOCK)
@@ -93,14 +107,16 @@ def test_what_a_previous_owner_left_never_reaches_the_next_request(starts, num_n
 
 
 def test_rope_on_q_and_k_together_equals_transformers_rotate_half():
+    """The model's own tables (its sign-folded sin) against transformers' apply_rotary_pos_emb with the model's
+    rotary module."""
+    hf = tiny_llama(seed=0)
+    model = CausalLM(hf, 64)
     gen = torch.Generator().manual_seed(2)
-    t, heads, d = 3, 4, 8
-    q = torch.randn(t, heads, d, generator=gen)
-    k = torch.randn(t, KV_HEADS, d, generator=gen)
-    angles = torch.rand(t, d // 2, generator=gen) * 6
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # [T, D]: halves repeat
-    sin_signed = torch.cat([-sin[:, :d // 2], sin[:, d // 2:]], -1)
-    got = _rope(torch.cat([q, k], 1), cos[:, None], sin_signed[:, None])
-    # transformers' layout: [B, heads, T, D] with cos/sin [B, T, D]
-    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    positions = torch.tensor([0, 5, 63])
+    heads, kv_heads, d = model.num_heads, model.num_kv_heads, model.head_dim
+    q = torch.randn(3, heads, d, generator=gen)
+    k = torch.randn(3, kv_heads, d, generator=gen)
+    got = _rope(torch.cat([q, k], 1), model.cos[positions][:, None], model.sin_signed[positions][:, None])
+    cos, sin = hf.model.rotary_emb(q, positions[None])  # [1, T, D] each
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)  # [1, h, T, D]
     torch.testing.assert_close(got, torch.cat([want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)], 1))

@@ -134,7 +134,7 @@ def test_rank_over_max_and_wrong_base_are_refused(base, tmp_path):
 
 
 def test_non_finite_adapter_weights_are_refused(base, tmp_path):
-    """A NaN in an adapter would reach the KV cache of every request that shares a batch with it."""
+    """Refused at load with a clear error, rather than served as NaN answers to the adapter's own requests."""
     from safetensors.torch import load_file, save_file
 
     path = Path(make_adapter(base, tmp_path / "nan", seed=3))
