@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.engine import EngineConfig
-from llmaas.engine.dtype_probe import fastest_cpu_dtype
+from llmaas.engine.dtype_probe import fastest_cpu_dtype, fastest_quantized_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,17 +72,25 @@ class EngineSettings(BaseModel):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def resolved_dtype(self, device: str) -> str:
+    def resolved_dtype(self, device: str, model_path: str | None = None, kernel_cache_file: str | None = None
+                       ) -> str:
+        """auto: bf16 on CUDA; on CPU whichever a probe times faster here: for a quantized model (given its
+        path) one of its layers as the engine runs it, else one dense projection (engine/dtype_probe.py)."""
         if self.dtype != "auto":
             return self.dtype
         if device == "cuda":
             return "bfloat16"
-        return "bfloat16" if fastest_cpu_dtype(torch.get_num_threads()) == torch.bfloat16 else "float32"
+        if self.quantization != "none" and model_path is not None:
+            fastest = fastest_quantized_dtype(model_path, self.quantization, self.quant_group_size,
+                                              torch.get_num_threads(), kernel_cache_file)
+        else:
+            fastest = fastest_cpu_dtype(torch.get_num_threads())
+        return "bfloat16" if fastest == torch.bfloat16 else "float32"
 
     def to_engine_config(self, max_model_len: int, eos_token_ids: tuple[int, ...], gguf_file: str | None = None,
-                         kernel_cache_file: str | None = None) -> EngineConfig:
+                         kernel_cache_file: str | None = None, model_path: str | None = None) -> EngineConfig:
         device = self.resolved_device()
-        dtype = self.resolved_dtype(device)
+        dtype = self.resolved_dtype(device, model_path, kernel_cache_file)
         return EngineConfig(
             max_model_len=max_model_len,
             max_num_seqs=self.max_num_seqs,

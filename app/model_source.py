@@ -36,7 +36,7 @@ class ResolvedModel:
     def engine_config(self, engine: EngineSettings) -> EngineConfig:
         """The engine's config for this model."""
         kernels = str(self.cache_dir / "kernels.json") if self.cache_dir else None
-        return engine.to_engine_config(self.max_model_len, self.eos_token_ids, self.gguf, kernels)
+        return engine.to_engine_config(self.max_model_len, self.eos_token_ids, self.gguf, kernels, self.path)
 
 
 def _default_gguf() -> Path:

@@ -2,6 +2,7 @@
 
     pip install llama-cpp-python   # optional peer (compiles llama.cpp, ~3 min on 2 cores)
     python -m llmaas.benchmarks.single_stream --dtype bfloat16 --threads 2
+    python -m llmaas.benchmarks.single_stream --dtype auto --quantization int4   # + ours in the other dtype
 
 Peers in the same run: HF ``generate()`` (batch 1, same dtype) and, when ``llama_cpp``
 is importable, llama.cpp on the default model's own GGUF file (the one our safetensors
@@ -9,7 +10,8 @@ copy is converted from; it is Q4_1, so llama.cpp streams ~4x fewer weight bytes 
 token than bf16 does — on a memory-bound single stream that is most of the gap).
 Every side is warmed at the measured shape, then the sides take turns for ``--repeats``
 rounds (a new prompt of the same length each round); each side's median and range are
-reported, and ratios are median / median.
+reported, and ratios are median / median. ``--dtype auto`` runs ours in what ``engine.dtype: auto`` resolves to
+on this machine (its startup probe) and, as a peer, in the other float dtype: whether auto picked the faster.
 Speed = generated tokens / wall time of the whole request (prefill included).
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES) + ["auto"],
+                   help="auto: what engine.dtype auto picks here, with ours in the other dtype as a peer")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_MODES,
                    help="our engine's weights (int4: the GGUF file's own Q4_1 blocks); HF keeps --dtype floats")
     p.add_argument("--threads", type=int, default=2)
@@ -44,15 +47,27 @@ def main() -> None:
     from llmaas.app.config import ModelSettings
     from llmaas.app.model_source import _default_gguf, resolve_model
 
-    path = resolve_model(ModelSettings()).path
+    model = resolve_model(ModelSettings())
+    path = model.path
+    other = None
+    if args.dtype == "auto":
+        from llmaas.app.config import EngineSettings
+
+        args.dtype = EngineSettings(device="cpu", quantization=args.quantization).resolved_dtype(
+            "cpu", path, str(model.cache_dir / "kernels.json"))
+        other = next(d for d in DTYPES if d != args.dtype)
+        print(f"dtype auto -> {args.dtype} on this machine")
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
     vocab = hf_model.config.vocab_size
     prompt = [random.Random(0).randrange(1, vocab) for _ in range(args.prompt_tokens)]
     n = args.gen_tokens
 
-    engine = LLMEngine(AutoModelForCausalLM.from_pretrained(path), EngineConfig(
-        max_model_len=args.prompt_tokens + n + 16, dtype=DTYPES[args.dtype], num_kv_blocks=64,
-        quantization=args.quantization, gguf_file=str(_default_gguf()) if args.quantization == "int4" else None))
+    def our_engine(dtype: str) -> LLMEngine:
+        return LLMEngine(AutoModelForCausalLM.from_pretrained(path), EngineConfig(
+            max_model_len=args.prompt_tokens + n + 16, dtype=DTYPES[dtype], num_kv_blocks=64,
+            quantization=args.quantization, gguf_file=str(_default_gguf()) if args.quantization == "int4" else None,
+            kernel_cache_file=str(model.cache_dir / "kernels.json")))
+    engine = our_engine(args.dtype)
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
     @torch.inference_mode()
@@ -63,6 +78,10 @@ def main() -> None:
 
     sides = {"ours": timed(lambda r: engine.generate([shift(prompt, r, vocab)], params), n),
              "HF generate (batch 1)": timed(hf, n)}
+    if other is not None:
+        peer = our_engine(other)
+        sides[f"ours in {other} (auto's other choice)"] = timed(lambda r: peer.generate([shift(prompt, r, vocab)],
+                                                                                        params), n)
     try:
         import llama_cpp
     except ImportError:
@@ -81,7 +100,8 @@ def main() -> None:
         sides[f"llama.cpp {llama_cpp.__version__} ({gguf.name})"] = timed(cpp, n)
     runs = interleave(sides, args.repeats)
     ours = runs.pop("ours")
-    case = f"single stream {args.dtype}" + (f" {args.quantization}" if args.quantization != "none" else "")
+    case = f"single stream {'auto: ' if other else ''}{args.dtype}"
+    case += f" {args.quantization}" if args.quantization != "none" else ""
     rows = [versus(case, ours, peer, theirs) for peer, theirs in runs.items()]
     print_versus(rows, args.repeats)
     if not args.no_save:

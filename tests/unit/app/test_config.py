@@ -7,7 +7,7 @@ import torch
 
 from llmaas.app.config import EngineSettings
 from llmaas.deployments.config import AppConfig
-from llmaas.engine.dtype_probe import choose
+from llmaas.engine.dtype_probe import choose, speedup_dtype
 
 
 def test_the_cpu_dtype_rule_takes_bf16_only_when_clearly_faster():
@@ -28,6 +28,56 @@ def test_auto_dtype_on_cpu_is_what_the_probe_timed(monkeypatch):
     dtype_probe.fastest_cpu_dtype.cache_clear()
     assert EngineSettings(device="cpu", dtype="float32").to_engine_config(256, (2,)).dtype == torch.float32
     assert EngineSettings(device="cuda").resolved_dtype("cuda") == "bfloat16"
+
+
+def test_a_quantized_models_dtype_weighs_every_probed_batch():
+    assert speedup_dtype([1.0, 1.0], [0.5, 0.5]) == torch.bfloat16
+    assert speedup_dtype([0.69, 2.02], [1.05, 2.29]) == torch.float32  # int4 on the AMD EPYC where dense bf16 is 2.7x
+    assert speedup_dtype([1.0, 4.0], [0.5, 6.0]) == torch.float32  # 2x at one batch, 0.67x at the other: 1.15x
+    assert speedup_dtype([1.0, 4.0], [0.5, 2.9]) == torch.bfloat16  # 2x and 1.38x: 1.66x
+
+
+def test_auto_dtype_of_a_quantized_model_is_what_its_layer_probe_timed(monkeypatch, tmp_path):
+    """Quantized: the layer probe decides (the dense GEMM probe, which would say bf16, is not asked); the layer
+    probe gets the model's path and the engine's kernel cache file."""
+    from llmaas.engine import dtype_probe
+    from tests.models import tiny_llama
+
+    path = str(tmp_path / "m")
+    tiny_llama().save_pretrained(path)
+    monkeypatch.setattr(dtype_probe, "linear_timer", lambda dtype: lambda: {torch.float32: 1.0,
+                                                                             torch.bfloat16: 0.25}[dtype])
+    seen = []
+    for fp32_s, bf16_s, expected in (([1.0, 1.0], [1.5, 1.1], torch.float32), ([1.0, 1.0], [0.4, 0.5],
+                                                                                  torch.bfloat16)):
+        timings = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
+
+        def timer(model_path, dtype, quantization, group_size, kernel_cache_file=None, t=timings):
+            seen.append((model_path, quantization, group_size, kernel_cache_file))
+            return lambda: t[dtype]
+        monkeypatch.setattr(dtype_probe, "layer_timer", timer)
+        dtype_probe.fastest_quantized_dtype.cache_clear()
+        dtype_probe.fastest_cpu_dtype.cache_clear()
+        settings = EngineSettings(device="cpu", quantization="int4", quant_group_size=64)
+        assert settings.to_engine_config(256, (2,), None, "k.json", path).dtype == expected
+    assert seen[0] == (path, "int4", 64, "k.json")
+    assert EngineSettings(device="cpu", quantization="int4").to_engine_config(256, (2,)).dtype == torch.bfloat16
+    dtype_probe.fastest_quantized_dtype.cache_clear()
+    dtype_probe.fastest_cpu_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_the_layer_probe_runs_the_models_own_layer_through_the_engine(tmp_path, quantization):
+    from llmaas.engine import dtype_probe
+    from tests.models import tiny_llama
+
+    path = str(tmp_path / "m")
+    tiny_llama(hidden_size=128, intermediate_size=256).save_pretrained(path)
+    seconds = dtype_probe.layer_timer(path, torch.bfloat16, quantization, 32, str(tmp_path / "kernels.json"))
+    times = seconds()
+    assert len(times) == len(dtype_probe.PROBE_BATCHES) and all(0 < t < 5 for t in times)
+    assert (tmp_path / "kernels.json").exists()  # the engine's kernel plan was measured for the probed shapes
+    assert dtype_probe.fastest_quantized_dtype(path, quantization, 32, rounds=1) in (torch.float32, torch.bfloat16)
 
 
 def test_limits_validate():
