@@ -3,6 +3,7 @@
 The Serve application's whole config (AppConfig, serve_config.yaml ``args``) is llmaas.deployments.config."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.engine import EngineConfig
 from llmaas.engine.dtype_probe import fastest_cpu_dtype, fastest_quantized_dtype
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,9 +39,10 @@ class EngineSettings(BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when a GPU is visible.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 on GPU; on CPU whichever of bfloat16 / float32 a GEMM probe measures "
-                            "faster at startup (bf16 only when >= 1.2x). float32 gives token-exact parity with "
-                            "transformers in float32.")
+        "auto", description="'auto': bfloat16 on GPU; on CPU whichever of bfloat16 / float32 a probe measures "
+                            "faster at startup (bf16 only when >= 1.2x): one dense GEMM, or with quantization the "
+                            "model's first layers quantized as the engine runs them. float32 gives token-exact "
+                            "parity with transformers in float32.")
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none", description="Weight-only quantization of every projection and the LM head, applied at load: int8 "
                             "per output channel, int4 group-wise, fp8 (e4m3 per output channel: a GPU format; on "
@@ -80,10 +84,14 @@ class EngineSettings(BaseModel):
             return self.dtype
         if device == "cuda":
             return "bfloat16"
+        fastest = None
         if self.quantization != "none" and model_path is not None:
-            fastest = fastest_quantized_dtype(model_path, self.quantization, self.quant_group_size,
-                                              torch.get_num_threads(), kernel_cache_file)
-        else:
+            try:
+                fastest = fastest_quantized_dtype(model_path, self.quantization, self.quant_group_size,
+                                                  torch.get_num_threads(), kernel_cache_file, self.max_num_seqs)
+            except Exception as exc:  # a model the probe cannot cut down: the engine itself says what is wrong
+                logger.warning("layer dtype probe failed (%s: %s); the dense probe decides", type(exc).__name__, exc)
+        if fastest is None:
             fastest = fastest_cpu_dtype(torch.get_num_threads())
         return "bfloat16" if fastest == torch.bfloat16 else "float32"
 

@@ -55,7 +55,7 @@ def main() -> None:
 
         args.dtype = EngineSettings(device="cpu", quantization=args.quantization).resolved_dtype(
             "cpu", path, str(model.cache_dir / "kernels.json"))
-        other = next(d for d in DTYPES if d != args.dtype)
+        other = {"float32": "bfloat16", "bfloat16": "float32"}[args.dtype]
         print(f"dtype auto -> {args.dtype} on this machine")
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
     vocab = hf_model.config.vocab_size

@@ -69,13 +69,20 @@ def fastest_cpu_dtype(threads: int | None = None, rounds: int = 7) -> torch.dtyp
 
 
 PROBE_BATCHES = (1, 16)  # decode sequences per probed step: a single stream and a loaded replica
+PROBE_LAYERS = 4  # decoder layers in the probed copy: enough that a step's fixed cost does not dilute the ratio
+
+
+def probe_batches(max_num_seqs: int) -> tuple[int, ...]:
+    """PROBE_BATCHES as this engine can run them (no more sequences than it admits)."""
+    return tuple(dict.fromkeys(min(b, max_num_seqs) for b in PROBE_BATCHES))
 
 
 def layer_timer(model_path: str, dtype: torch.dtype, quantization: str, group_size: int,
-                kernel_cache_file: str | None = None, steps: int = 4):
-    """A function timing decode steps of a one-layer copy of ``model_path``'s architecture (random weights,
-    a 256-token vocabulary: the layer's cost, not the LM head's), quantized as asked, through the engine, at
-    each of PROBE_BATCHES; returns seconds per step at each."""
+                kernel_cache_file: str | None = None, max_num_seqs: int = max(PROBE_BATCHES), steps: int = 4):
+    """A function timing decode steps of a copy of ``model_path``'s architecture cut to its first PROBE_LAYERS
+    layers (random weights, a 256-token vocabulary: the layers' cost, not the LM head's; short contexts),
+    quantized as asked, through the engine, at each of ``probe_batches``; returns seconds per step at each.
+    Leaves torch's global RNG (the requests') as it found it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .config import EngineConfig
@@ -83,12 +90,18 @@ def layer_timer(model_path: str, dtype: torch.dtype, quantization: str, group_si
     from .sampling_params import SamplingParams
 
     config = AutoConfig.from_pretrained(model_path)
-    config.num_hidden_layers, config.vocab_size = 1, 256
+    layers = min(PROBE_LAYERS, config.num_hidden_layers)
+    config.num_hidden_layers, config.vocab_size = layers, 256
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (sliding windows)
+        config.layer_types = config.layer_types[:layers]
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, attr, None)
-    torch.manual_seed(0)
-    engine = LLMEngine(AutoModelForCausalLM.from_config(config, dtype=torch.float32), EngineConfig(
-        max_model_len=64, max_num_seqs=max(PROBE_BATCHES), num_kv_blocks=2 * max(PROBE_BATCHES) * 4, dtype=dtype,
+    batches = probe_batches(max_num_seqs)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    engine = LLMEngine(model, EngineConfig(
+        max_model_len=64, max_num_seqs=max(batches), num_kv_blocks=2 * max(batches) * 4, dtype=dtype,
         quantization=quantization, quant_group_size=group_size, kernel_cache_file=kernel_cache_file,
         enable_prefix_caching=False))
     params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
@@ -97,8 +110,8 @@ def layer_timer(model_path: str, dtype: torch.dtype, quantization: str, group_si
     def seconds() -> list[float]:
         nonlocal runs
         out = []
-        for batch in PROBE_BATCHES:
-            for i in range(batch):
+        for batch in batches:
+            for _ in range(batch):
                 runs += 1
                 engine.add_request(f"probe-{runs}", [(7 * runs + j) % 256 for j in range(8)], params)
             engine.step()  # the prompts
@@ -115,18 +128,20 @@ def layer_timer(model_path: str, dtype: torch.dtype, quantization: str, group_si
 
 @functools.cache
 def fastest_quantized_dtype(model_path: str, quantization: str, group_size: int, threads: int | None = None,
-                            kernel_cache_file: str | None = None, rounds: int = 5) -> torch.dtype:
-    """fp32 or bf16 for a quantized model, by timing one of its layers as the engine runs it (cached per
+                            kernel_cache_file: str | None = None, max_num_seqs: int = max(PROBE_BATCHES),
+                            rounds: int = 5) -> torch.dtype:
+    """fp32 or bf16 for a quantized model, by timing its first layers as the engine runs them (cached per
     process; the kernel plans it measures are kept in ``kernel_cache_file`` like the engine's own)."""
     del threads  # part of the cache key only
-    timers = {dtype: layer_timer(model_path, dtype, quantization, group_size, kernel_cache_file)
+    timers = {dtype: layer_timer(model_path, dtype, quantization, group_size, kernel_cache_file, max_num_seqs)
               for dtype in (torch.float32, torch.bfloat16)}
-    best = {dtype: [float("inf")] * len(PROBE_BATCHES) for dtype in timers}
+    batches = probe_batches(max_num_seqs)
+    best = {dtype: [float("inf")] * len(batches) for dtype in timers}
     for _ in range(rounds):  # interleaved; the fastest round of each batch size
         for dtype, seconds in timers.items():
             best[dtype] = [min(a, b) for a, b in zip(best[dtype], seconds())]
     chosen = speedup_dtype(best[torch.float32], best[torch.bfloat16])
-    logger.info("dtype probe (%s, one layer, decode batches %s): fp32 %s ms, bf16 %s ms per step -> %s",
-                quantization, PROBE_BATCHES, [round(s * 1e3, 2) for s in best[torch.float32]],
+    logger.info("dtype probe (%s, %d layers, decode batches %s): fp32 %s ms, bf16 %s ms per step -> %s",
+                quantization, PROBE_LAYERS, batches, [round(s * 1e3, 2) for s in best[torch.float32]],
                 [round(s * 1e3, 2) for s in best[torch.bfloat16]], chosen)
     return chosen

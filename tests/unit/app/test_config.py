@@ -52,32 +52,48 @@ def test_auto_dtype_of_a_quantized_model_is_what_its_layer_probe_timed(monkeypat
                                                                                   torch.bfloat16)):
         timings = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
 
-        def timer(model_path, dtype, quantization, group_size, kernel_cache_file=None, t=timings):
-            seen.append((model_path, quantization, group_size, kernel_cache_file))
+        def timer(model_path, dtype, quantization, group_size, kernel_cache_file=None, max_num_seqs=16, t=timings):
+            seen.append((model_path, quantization, group_size, kernel_cache_file, max_num_seqs))
             return lambda: t[dtype]
         monkeypatch.setattr(dtype_probe, "layer_timer", timer)
         dtype_probe.fastest_quantized_dtype.cache_clear()
         dtype_probe.fastest_cpu_dtype.cache_clear()
-        settings = EngineSettings(device="cpu", quantization="int4", quant_group_size=64)
+        settings = EngineSettings(device="cpu", quantization="int4", quant_group_size=64, max_num_seqs=8)
         assert settings.to_engine_config(256, (2,), None, "k.json", path).dtype == expected
-    assert seen[0] == (path, "int4", 64, "k.json")
+    assert seen[0] == (path, "int4", 64, "k.json", 8)
     assert EngineSettings(device="cpu", quantization="int4").to_engine_config(256, (2,)).dtype == torch.bfloat16
+
+    def broken(*args, **kwargs):
+        raise ValueError("a model the probe cannot cut down")
+    monkeypatch.setattr(dtype_probe, "layer_timer", broken)  # the replica still starts: the dense probe decides
+    dtype_probe.fastest_quantized_dtype.cache_clear()
+    assert EngineSettings(device="cpu", quantization="int8").to_engine_config(256, (2,), None, None, path).dtype \
+        == torch.bfloat16
     dtype_probe.fastest_quantized_dtype.cache_clear()
     dtype_probe.fastest_cpu_dtype.cache_clear()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_the_layer_probe_runs_the_models_own_layer_through_the_engine(tmp_path, quantization):
+@pytest.mark.parametrize("quantization,tied", [("int8", False), ("int4", True)])
+def test_the_layer_probe_runs_the_models_own_layers_through_the_engine(tmp_path, quantization, tied):
+    """The probe is the engine on the model's shapes (its kernel plans land in the engine's cache file), at
+    batches the replica admits, and leaves the requests' RNG as it was."""
     from llmaas.engine import dtype_probe
     from tests.models import tiny_llama
 
     path = str(tmp_path / "m")
-    tiny_llama(hidden_size=128, intermediate_size=256).save_pretrained(path)
+    tiny_llama(hidden_size=128, intermediate_size=256, tie_word_embeddings=tied).save_pretrained(path)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     seconds = dtype_probe.layer_timer(path, torch.bfloat16, quantization, 32, str(tmp_path / "kernels.json"))
     times = seconds()
+    assert torch.equal(torch.get_rng_state(), state)
     assert len(times) == len(dtype_probe.PROBE_BATCHES) and all(0 < t < 5 for t in times)
-    assert (tmp_path / "kernels.json").exists()  # the engine's kernel plan was measured for the probed shapes
-    assert dtype_probe.fastest_quantized_dtype(path, quantization, 32, rounds=1) in (torch.float32, torch.bfloat16)
+    plans = (tmp_path / "kernels.json").read_text()
+    assert f"{quantization}:256x128:" in plans and f"{quantization}:128x256:" in plans  # q|k|v fused; down_proj
+    kernels = str(tmp_path / "kernels.json")  # plans measured once, as a replica's restarts find them
+    assert len(dtype_probe.layer_timer(path, torch.float32, quantization, 32, kernels, max_num_seqs=4)()) == 2
+    assert dtype_probe.fastest_quantized_dtype(path, quantization, 32, None, kernels, rounds=1) in (torch.float32,
+                                                                                                  torch.bfloat16)
 
 
 def test_limits_validate():
