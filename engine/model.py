@@ -1,11 +1,12 @@
 """Our forward pass for the Llama family over the paged KV cache.
 
-Weights and the per-module math (RMSNorm, linear projections, SwiGLU MLP, rotary frequencies with the config's
-RoPE scaling) are the loaded transformers model's own; we own the layer loop, with q/k/v and gate/up each fused
-into one GEMM, RMSNorm as torch's one op in float32, RoPE on q and k together in three ops, the KV cache writes
-and attention, so tokens of many sequences run in one flat batch (``[num_tokens, hidden]``) instead of a padded
-``[B, S, hidden]``. On a small model a CPU decode step is mostly per-op overhead, not bytes: 43 ops per layer
-became 34 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache), and the default
+Weights and the per-module math (RMSNorm, linear projections, SwiGLU MLP, rotary frequencies with the config's RoPE
+scaling) are the loaded transformers model's own; we own the layer loop, with q/k/v and gate/up each fused into one
+GEMM, the residual stream in float32 whatever the compute dtype (and the LM head's top logits recomputed in
+float32: ``compute_logits``), RMSNorm as torch's one op in float32, RoPE on q and k together in three ops, the KV
+cache writes and attention, so tokens of many sequences run in one flat batch (``[num_tokens, hidden]``) instead of
+a padded ``[B, S, hidden]``. On a small model a CPU decode step is mostly per-op overhead, not bytes: 43 ops per
+layer became 34 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache), and the default
 model's int4 single stream went from 0.72x to 0.78x llama.cpp's on the same GGUF (``benchmarks/single_stream.py``,
 fp32, 2-core Intel Xeon, one run each).
 
@@ -54,12 +55,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' Llama-family RMSNorm: in float32 as torch's one op (the same math, ~1.5x faster on CPU than
-    the module's eight); in lower precision the module itself, which rounds before the weight."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm(x)
+def _rms_norm(norm: tuple[torch.Tensor, float], h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm of the float32 residual stream as torch's one op (the same math, ~1.5x
+    faster on CPU than the module's eight), rounded once to the compute dtype.
+
+    Args:
+        norm: the module's weight in float32 and its epsilon. h: Shape: [T, hidden], float32.
+    """
+    out = F.rms_norm(h, norm[0].shape, norm[0], norm[1])
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def fused_projection(owner: nn.Module, parts: tuple[nn.Module, ...], group: tuple[str, ...]) -> nn.Module:
@@ -134,6 +138,15 @@ class CausalLM(nn.Module):
                                                        layer.self_attn.v_proj), QKV) for layer in self.layers]
         self.gate_up = [fused_projection(layer.mlp, (layer.mlp.gate_proj, layer.mlp.up_proj), GATE_UP)
                         for layer in self.layers]
+        # The residual stream stays in float32 whatever the compute dtype (the norms read it in float32 anyway):
+        # SmolLM2's hidden states reach |x| ~ 14000, where bf16's step is 64, and a bf16 stream made greedy
+        # answers hinge on rounding (the default model answered "What is the capital of France?" with "L'Etoile,
+        # la Marseillaise..." in bf16: its top two logits 0.04 apart, then one bf16 step of the LM head's output).
+        def norm(module: nn.Module) -> tuple[torch.Tensor, float]:
+            return module.weight.detach().float(), module.variance_epsilon
+        self.norms = [(norm(layer.input_layernorm), norm(layer.post_attention_layernorm)) for layer in self.layers]
+        self.final_norm = norm(hf_model.model.norm)
+        self.dtype = param.dtype
         self.q_width = self.num_heads * self.head_dim
         self.kv_width = self.num_kv_heads * self.head_dim
         self.widths = {QKV: [self.q_width, self.kv_width, self.kv_width],
@@ -169,7 +182,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache, lora: LoRABatch | None = None, pool: LoRAPool | None = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
-        h = self.hf_model.model.embed_tokens(input_ids)  # [T, hidden]
+        h = self.hf_model.model.embed_tokens(input_ids).float()  # [T, hidden]: the residual stream, float32
+        dtype = self.dtype
         cos = self.cos[positions][:, None, :]  # [T, 1, D]
         sin = self.sin_signed[positions][:, None, :]  # [T, 1, D]
         t, heads, b = input_ids.shape[0], self.num_heads, meta.block_tables.shape[0]
@@ -184,7 +198,7 @@ class CausalLM(nn.Module):
 
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(layer.input_layernorm, h)
+            x = _rms_norm(self.norms[i][0], h, dtype)
             qkv = group(x, i, self.qkv[i], QKV)  # [T, q + 2 kv]
             qk = _rope(qkv[:, :self.q_width + self.kv_width].view(t, heads + self.num_kv_heads, self.head_dim),
                        cos, sin)  # [T, H + kv_heads, D]
@@ -194,17 +208,45 @@ class CausalLM(nn.Module):
             o = paged_attention(qk[:, :heads], k_seq, v_seq, meta, self.scale)  # [T, H * D]
             y = attn.o_proj(o)
             h = h + (pool.apply(y, o, i, "o_proj", lora) if use_lora else y)
-            x = _rms_norm(layer.post_attention_layernorm, h)
+            x = _rms_norm(self.norms[i][1], h, dtype)
             gate, up = group(x, i, self.gate_up[i], GATE_UP).split(self.widths[GATE_UP], dim=-1)
             gated = mlp.act_fn(gate).mul_(up)
             y = mlp.down_proj(gated)
             h = h + (pool.apply(y, gated, i, "down_proj", lora) if use_lora else y)
-        return _rms_norm(self.hf_model.model.norm, h)
+        return _rms_norm(self.final_norm, h, torch.float32)  # the LM head rounds it (compute_logits)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab] in float32."""
-        return self.hf_model.lm_head(hidden).float()
+        """hidden: [N, hidden] (float32) -> logits [N, vocab] in float32.
+
+        In a lower compute dtype the head's GEMM rounds its outputs too: bf16 logits near 25 come in steps of
+        0.125, so close candidates tie and greedy picks by token id. The REFINE_TOP largest of each row are
+        recomputed in float32 (their weight rows, the float32 hidden state): the choice among them and their
+        probabilities are exact; the long tail keeps the GEMM's rounding."""
+        head = self.hf_model.lm_head
+        logits = head(hidden.to(self.dtype)).float()
+        if self.dtype == torch.float32:
+            return logits
+        top = logits.topk(min(REFINE_TOP, logits.shape[-1]), dim=-1).indices  # [N, k]
+        rows = _head_rows(head, top)  # [N, k, hidden] float32
+        if rows is not None:
+            logits.scatter_(1, top, torch.einsum("nkh,nh->nk", rows, hidden.float()))
+        return logits
+
+
+REFINE_TOP = 8  # logits per row recomputed in float32 when the compute dtype is lower (CausalLM.compute_logits)
+
+
+def _head_rows(head: nn.Module, index: torch.Tensor) -> torch.Tensor | None:
+    """The LM head's weight rows ``index`` (any shape) in float32: a dense head, or an int8 one (per-row scales,
+    the head of every quantization mode); None for another kind."""
+    if isinstance(head, nn.Linear):
+        return head.weight[index].float()
+    qweight, scales = getattr(head, "qweight", None), getattr(head, "scales", None)
+    if getattr(head, "mode", None) == "int8" and qweight is not None and qweight.dtype == torch.int8 \
+            and qweight.dim() == 2 and scales is not None and scales.dim() == 1:
+        return qweight[index].float() * scales[index].float()[..., None]
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device | str, block_size: int) -> str:

@@ -299,3 +299,27 @@ def test_prefix_sharing_across_chunked_prefill(model):
     engine = make_engine(model, max_num_batched_tokens=16, max_num_seqs=4)  # the prompt takes three steps
     assert engine.generate([prompt] * 3, GREEDY) == [expected] * 3
     assert engine.block_manager.num_cached_tokens == 2 * 40
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_lower_precision_logits_are_exact_where_the_choice_is_made(quantization):
+    """bf16: the LM head's GEMM rounds logits to bf16 steps, so its largest REFINE_TOP per row are recomputed in
+    float32 from the head's rows (dense or int8) and the float32 hidden state; the argmax is float32's."""
+    from llmaas.engine.model import REFINE_TOP
+    from llmaas.engine.quantization import dequantize_int8
+
+    engine = LLMEngine(tiny_llama(vocab_size=512, hidden_size=128, intermediate_size=256), EngineConfig(
+        max_model_len=64, num_kv_blocks=8, dtype=torch.bfloat16, quantization=quantization))
+    head = engine.model.hf_model.lm_head
+    weight = head.weight.float() if quantization == "none" else dequantize_int8(head.qweight, head.scales,
+                                                                                torch.float32)
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 128) * 3  # the forward's float32 output
+    logits = engine.model.compute_logits(hidden)
+    exact = hidden @ weight.t()
+    rounded = head(hidden.bfloat16()).float()  # what the head's GEMM alone gives
+    top = rounded.topk(REFINE_TOP, dim=-1).indices  # the candidates: the GEMM's largest
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-3  # so the refinement did something
