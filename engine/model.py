@@ -6,9 +6,9 @@ GEMM, the residual stream in float32 whatever the compute dtype (and the LM head
 float32: ``compute_logits``), RMSNorm as torch's one op in float32, RoPE on q and k together in three ops, the KV
 cache writes and attention, so tokens of many sequences run in one flat batch (``[num_tokens, hidden]``) instead of
 a padded ``[B, S, hidden]``. On a small model a CPU decode step is mostly per-op overhead, not bytes: 43 ops per
-layer became 34 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache), and the default
-model's int4 single stream went from 0.72x to 0.78x llama.cpp's on the same GGUF (``benchmarks/single_stream.py``,
-fp32, 2-core Intel Xeon, one run each).
+layer became 34, then 24 in bf16 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache),
+and the default model's int4 single stream went from 0.72x to 0.78x llama.cpp's on the same GGUF
+(``benchmarks/single_stream.py``, fp32, 2-core Intel Xeon, one run each).
 
 References: Llama (Touvron et al., 2023), RoFormer (Su et al., 2021), vLLM's
 PagedAttention (Kwon et al., 2023), nano-vllm's flat-token model runner.
