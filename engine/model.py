@@ -6,7 +6,7 @@ GEMM, the residual stream in float32 whatever the compute dtype (and the LM head
 float32: ``compute_logits``), RMSNorm as torch's one op in float32, RoPE on q and k together in three ops, the KV
 cache writes and attention, so tokens of many sequences run in one flat batch (``[num_tokens, hidden]``) instead of
 a padded ``[B, S, hidden]``. On a small model a CPU decode step is mostly per-op overhead, not bytes: 43 ops per
-layer became 34, then 24 in bf16 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache),
+layer became 34 in bf16, now 24 (``benchmarks/op_count.py``; two of them keep non-finite values out of the cache),
 and the default model's int4 single stream went from 0.72x to 0.78x llama.cpp's on the same GGUF
 (``benchmarks/single_stream.py``, fp32, 2-core Intel Xeon, one run each).
 
@@ -144,6 +144,8 @@ class CausalLM(nn.Module):
         # la Marseillaise..." in bf16: its top two logits 0.04 apart, then one bf16 step of the LM head's output).
         def norm(module: nn.Module) -> tuple[torch.Tensor, float]:
             return module.weight.detach().float(), module.variance_epsilon
+        # Copies frozen here: the engine moves, quantizes and casts the model before building this, and nothing
+        # (adapters target projections only) changes a norm's weight afterwards.
         self.norms = [(norm(layer.input_layernorm), norm(layer.post_attention_layernorm)) for layer in self.layers]
         self.final_norm = norm(hf_model.model.norm)
         self.dtype = param.dtype
@@ -217,7 +219,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] (float32) -> logits [N, vocab] in float32.
+        """hidden: [N, hidden] (float32 on the CPU path; the Triton path's forward gives bf16) -> logits [N, vocab]
+        in float32.
 
         In a lower compute dtype the head's GEMM rounds its outputs too: bf16 logits near 25 come in steps of
         0.125, so close candidates tie and greedy picks by token id. The REFINE_TOP largest of each row are
@@ -240,12 +243,14 @@ REFINE_TOP = 8  # logits per row recomputed in float32 when the compute dtype is
 def _head_rows(head: nn.Module, index: torch.Tensor) -> torch.Tensor | None:
     """The LM head's weight rows ``index`` (any shape) in float32: a dense head, or an int8 one (per-row scales,
     the head of every quantization mode); None for another kind."""
+    if getattr(head, "bias", None) is not None:  # rows alone would drop it: leave such a head's logits as they are
+        return None
     if isinstance(head, nn.Linear):
         return head.weight[index].float()
     qweight, scales = getattr(head, "qweight", None), getattr(head, "scales", None)
     if getattr(head, "mode", None) == "int8" and qweight is not None and qweight.dtype == torch.int8 \
             and qweight.dim() == 2 and scales is not None and scales.dim() == 1:
-        return qweight[index].float() * scales[index].float()[..., None]
+        return qweight[index].float() * scales[index].float()[..., None]  # the scales as the GEMM reads them
     return None
 
 

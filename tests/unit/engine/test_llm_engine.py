@@ -323,3 +323,24 @@ def test_lower_precision_logits_are_exact_where_the_choice_is_made(quantization)
     torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-3  # so the refinement did something
+
+
+def test_bf16_forward_keeps_a_float32_residual_stream():
+    """The CPU path's forward hands compute_logits float32 hidden states in bf16 too, closer to a float32
+    engine's than a bf16 residual stream gets (the float32 model's hidden states as the reference)."""
+    import torch.nn.functional as F
+
+    captured: dict[torch.dtype, torch.Tensor] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = LLMEngine(tiny_llama(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4),
+                           EngineConfig(max_model_len=64, num_kv_blocks=8, dtype=dtype))
+        model = engine.model
+        original = model.compute_logits
+        model.compute_logits = lambda hidden, d=dtype, f=original: (captured.__setitem__(d, hidden.clone()),
+                                                                    f(hidden))[1]
+        engine.generate([list(range(1, 20))], SamplingParams(max_tokens=1, temperature=0.0))
+    assert captured[torch.bfloat16].dtype == torch.float32
+    reference = captured[torch.float32]
+    # a bf16 stream would hand over values on bf16's grid: the float32 one is finer than that
+    assert not torch.equal(captured[torch.bfloat16], captured[torch.bfloat16].bfloat16().float())
+    assert F.cosine_similarity(captured[torch.bfloat16], reference, dim=-1).min() > 0.99
