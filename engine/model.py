@@ -22,7 +22,7 @@ from torch import nn
 from .attention import AttentionMetadata, KVCache, build_metadata, paged_attention
 from .config import triton_block_size_ok
 from .lora import ATTN_MODULES, GROUPS, MLP_MODULES, LoRABatch, LoRAPool
-from .quantization import FUSED, has_triton
+from .quantization import FUSED, QuantizedLinear, dequantize_int8, has_triton
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QKV, GATE_UP = GROUPS
@@ -247,10 +247,9 @@ def _head_rows(head: nn.Module, index: torch.Tensor) -> torch.Tensor | None:
         return None
     if isinstance(head, nn.Linear):
         return head.weight[index].float()
-    qweight, scales = getattr(head, "qweight", None), getattr(head, "scales", None)
-    if getattr(head, "mode", None) == "int8" and qweight is not None and qweight.dtype == torch.int8 \
-            and qweight.dim() == 2 and scales is not None and scales.dim() == 1:
-        return qweight[index].float() * scales[index].float()[..., None]  # the scales as the GEMM reads them
+    if isinstance(head, QuantizedLinear) and head.mode == "int8":  # the scales as the GEMM reads them
+        flat = index.reshape(-1)
+        return dequantize_int8(head.qweight[flat], head.scales[flat], torch.float32).view(*index.shape, -1)
     return None
 
 
