@@ -5,6 +5,7 @@
     python -m llmaas.benchmarks.serve_load --encryption-cost   # adapter load, encrypted root vs clear root
     python -m llmaas.benchmarks.serve_load --model-source tiny --stream-interval-ms 50   # + batched deltas
     python -m llmaas.benchmarks.serve_load --model-source tiny --serve-defaults   # + Serve's default threading
+    python -m llmaas.benchmarks.serve_load --router-work   # the Router's own Python work per streamed token
 
 Three paths, each at every --concurrency level:
 - bare engine: ``LLMEngine`` stepped in this thread (the ceiling: no asyncio, no Ray);
@@ -16,8 +17,13 @@ Three paths, each at every --concurrency level:
   the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured;
 - with --serve-defaults, a second app, the same but its replicas on Serve's default threading (SERVE_ENV_VARS
   back at Serve's defaults: user code and handle routers each on a thread of their own): what those cost.
-Each Serve path also reports the CPU its Router and model replicas spent per output token (from /proc through
-psutil; the model replica's includes the model), a figure far less noisy on a shared box than tok/s.
+Each Serve path also reports the CPU Serve's HTTP proxy and its Router and model replicas spent per output token
+(from /proc through psutil; the model replica's includes the model), a figure far less noisy on a shared box than
+tok/s.
+--router-work measures what of the Router's CPU per token is its own Python work: ``OpenAIServing``'s streamed
+completion (incremental detokenizing, the stop-string matcher, the chunk models) and the SSE encoding the Router's
+HTTP route does, fed one-token deltas by an in-process backend that costs nothing (no Ray, no model), with and
+without a stop string; prints CPU microseconds per token.
 --encryption-cost measures something else instead: what a model replica does to load an adapter version
 (``AdapterCache.source`` + ``engine.add_lora``: read, decrypt when sealed, parse, cast) for one
 r16 adapter on every projection of the default model, registered on a clear local root and on an encrypted
@@ -61,7 +67,7 @@ from llmaas.benchmarks.common import (
 SERVE, ENGINE, BARE = "serve (HTTP, SSE)", "engine in-process", "bare engine"
 UNMETERED = "serve, metering off"
 METRICS = ["output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
-CPU_METRICS = ["router_cpu_ms_per_tok", "model_cpu_ms_per_tok"]
+CPU_METRICS = ["proxy_cpu_ms_per_tok", "router_cpu_ms_per_tok", "model_cpu_ms_per_tok"]
 
 
 SERVE_DEFAULTS = "serve, Serve's default threading"
@@ -112,14 +118,16 @@ def path_row(name: str, rounds: list[dict]) -> dict:
 
 
 class ReplicaCPU:
-    """CPU seconds the Router and LLMServer replicas of one Serve app spend, from now until ``per_token``."""
+    """CPU seconds Serve's HTTP proxy and the Router and LLMServer replicas of one Serve app spend, from now until
+    ``per_token`` (the proxy is shared by the apps, which take turns: a round's proxy time is its path's)."""
 
     def __init__(self, app: str) -> None:
         import psutil
 
+        tags = {"Proxy": "ray::ProxyActor", "Router": f"ServeReplica:{app}:Router",
+                "LLMServer": f"ServeReplica:{app}:LLMServer"}
         self.procs = {role: [p for p in psutil.process_iter(["cmdline"])
-                             if f"ServeReplica:{app}:{role}" in " ".join(p.info["cmdline"] or [])]
-                      for role in ("Router", "LLMServer")}
+                             if tag in " ".join(p.info["cmdline"] or [])] for role, tag in tags.items()}
         missing = [role for role, procs in self.procs.items() if not procs]
         assert not missing, f"no {missing} replica process of app {app!r} found"
         self.start = self._seconds()
@@ -141,7 +149,8 @@ class ReplicaCPU:
         end = self._seconds()
         per = {role: sum(end[p.pid] - self.start[p.pid] for p in procs if p.pid in end and p.pid in self.start)
                * 1e3 / max(tokens, 1) for role, procs in self.procs.items()}
-        return {"router_cpu_ms_per_tok": per["Router"], "model_cpu_ms_per_tok": per["LLMServer"]}
+        return {"proxy_cpu_ms_per_tok": per["Proxy"], "router_cpu_ms_per_tok": per["Router"],
+                "model_cpu_ms_per_tok": per["LLMServer"]}
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -237,12 +246,17 @@ def main() -> None:
                         help="also serve an app with this stream_interval_ms and report it against the default")
     parser.add_argument("--serve-defaults", action="store_true",
                         help="also serve the app on Serve's default threading and report it against ours")
+    parser.add_argument("--router-work", action="store_true",
+                        help="instead: the Router's own CPU per streamed token (serving logic + SSE, no Ray)")
     parser.add_argument("--loads", type=int, default=10, help="adapter loads per round (--encryption-cost)")
     add_repeats(parser)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     if args.encryption_cost:
         encryption_cost(args)
+        return
+    if args.router_work:
+        router_work(args)
         return
 
     import ray
@@ -380,6 +394,62 @@ def encryption_cost(args) -> None:
     if not args.no_save:
         path = save("serve_load_encryption", {"args": vars(args), "model": model.served_name, "rows": rows,
                                               "encrypted_over_clear_ms": ratio, "runs_ms": ms})
+        print(f"saved {path}")
+
+
+def router_work(args) -> None:
+    from transformers import AutoTokenizer
+
+    from llmaas.app.catalog import ModelCatalog
+    from llmaas.app.messages import TokenDelta, TokenizedPrompt
+    from llmaas.app.model_source import resolve_model
+    from llmaas.app.protocol import CompletionRequest
+    from llmaas.app.serving import OpenAIServing, RequestLimits
+    from llmaas.deployments.config import AppConfig
+    from llmaas.deployments.router import _sse
+
+    model = resolve_model(AppConfig.model_validate({"model": {"source": args.model_source}}).model)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    n = args.max_tokens
+    token_ids = make_prompts(1, n, tokenizer.vocab_size, seed=1)[0]
+
+    class InstantBackend:
+        """The model stage's deltas, one token each, as fast as they are asked for."""
+
+        async def encode_prompt(self, prompt: list[int], max_tokens: int | None) -> TokenizedPrompt:
+            return TokenizedPrompt(list(prompt), max_tokens or n)
+
+        async def generate(self, request):
+            for i, t in enumerate(token_ids):
+                yield TokenDelta([t], "length" if i == n - 1 else None, len(request.prompt_token_ids), i + 1, None)
+
+    serving = OpenAIServing(InstantBackend(), tokenizer, ModelCatalog(model.served_name, model.max_model_len),
+                            RequestLimits())
+
+    def side(stop: list[str] | None) -> Callable[[int], float]:
+        async def stream() -> int:
+            req = CompletionRequest(model=model.served_name, prompt=make_prompts(1, args.prompt_tokens, 1000)[0],
+                                    max_tokens=n, stream=True, stop=stop, stream_options={"include_usage": True})
+            events = 0
+            async for _ in _sse(serving.completion_stream(req, await serving.prepare_completion(req))).body_iterator:
+                events += 1
+            return events
+
+        def one_round(r: int) -> float:
+            t = time.process_time()
+            events = asyncio.run(stream())
+            assert events >= n, events  # every token made an event (and the usage chunk and [DONE] came)
+            return (time.process_time() - t) / n * 1e6
+        return one_round
+
+    runs = interleave({"no stop strings": side(None), "one stop string": side(["\u2603 never"])}, args.repeats)
+    rows = [{"case": name, "cpu_us_per_token": statistics.median(v), "range": span(v)} for name, v in runs.items()]
+    print_table(rows, ["case", "cpu_us_per_token", "range"])
+    print(f"{n} one-token deltas per stream; medians of {args.repeats} interleaved rounds after a warm-up round; "
+          "compare with router_cpu_ms_per_tok of a Serve run: the rest of the Router's CPU is Ray's streaming and ASGI")
+    if not args.no_save:
+        path = save("serve_load_router_work", {"args": vars(args), "model": model.served_name, "rows": rows,
+                                               "runs_us": runs})
         print(f"saved {path}")
 
 

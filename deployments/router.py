@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.staticfiles import StaticFiles
@@ -125,24 +126,53 @@ class _BodyCap:
         await self.app(scope, capped, send)
 
 
-# Added before the gate below, so it sits inside it, next to the routes: its 413 is raised straight into the
-# body read (from outside, the gate's task group would wrap it and FastAPI would answer 400).
+# Inside the gate below (added first): its 413 is raised from the body read in the route, where FastAPI hands its
+# HTTPException to the exception handlers (any other error there would become a 400).
 api.add_middleware(_BodyCap)
 
 
-@api.middleware("http")
-async def _gate_requests(request: Request, call_next):
-    """Every route but /health needs a key (when keys exist) and spends the tenant's rate budget;
-    JSON bodies over the cap get 413 unread."""
-    gate: _Gate | None = getattr(request.app.state, "gate", None)
-    if gate is None:
-        return _error(503, "the service is starting", "service_unavailable")
-    path = request.url.path
-    root = request.scope.get("root_path") or ""
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"  # the app may be mounted under a route prefix
-    budget = None
-    try:
+class _GateMiddleware:
+    """Every route but /health needs a key (when keys exist) and spends the tenant's rate budget; JSON bodies over
+    the cap get 413 unread; the answer's start carries the budget headers and is counted in the metrics.
+
+    Plain ASGI: a streamed answer's chunks go straight to ``send`` (Starlette's ``@app.middleware("http")`` relays
+    every chunk through a memory stream read by another task, CPU paid per token)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)  # its state is the scope's, which the route's Request sees too
+        gate: _Gate | None = getattr(request.app.state, "gate", None)
+        if gate is None:
+            return await _error(503, "the service is starting", "service_unavailable")(scope, receive, send)
+        state = request.state
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if (budget := getattr(state, "budget", None)) is not None:  # a route may have charged more
+                    headers.update(budget_headers(budget))
+                if (tokens := getattr(state, "token_budget", None)) is not None:
+                    headers.update(budget_headers(tokens, "tokens"))
+                gate.count(scope, message["status"], getattr(state, "principal", None))
+            await send(message)
+
+        try:
+            await self._admit(gate, request)
+        except APIError as exc:
+            return await _api_error_response(exc)(scope, receive, send_counted)
+        await self.app(scope, receive, send_counted)
+
+    @staticmethod
+    async def _admit(gate: "_Gate", request: Request) -> None:
+        """Who asks (``request.state.principal``) and their rate budget; raises the refusal."""
+        path = request.url.path
+        root = request.scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"  # the app may be mounted under a route prefix
         if path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/"):  # the console's files hold no data
             request.state.principal = ANONYMOUS
         else:
@@ -154,30 +184,14 @@ async def _gate_requests(request: Request, call_next):
                 gate.access.refused(path, exc.code or "unauthorized", None, request.client.host if request.client
                                     else None)
                 raise
-            budget = request.state.budget = await gate.meter.acquire(request.state.principal.tenant)
+            request.state.budget = await gate.meter.acquire(request.state.principal.tenant)
         length = request.headers.get("content-length")
         limit = gate.body_limit(path)
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="body_too_large")
-    except APIError as exc:
-        response = _api_error_response(exc)
-    else:
-        response = await call_next(request)
-    budget = getattr(request.state, "budget", budget)  # a route may have charged more (n choices)
-    if budget is not None:
-        response.headers.update(budget_headers(budget))
-    if (tokens := getattr(request.state, "token_budget", None)) is not None:
-        response.headers.update(budget_headers(tokens, "tokens"))
-    if gate.metrics is not None:
-        route = request.scope.get("route")
-        who = getattr(request.state, "principal", None)
-        gate.metrics.on_request(getattr(route, "path", "unmatched"), response.status_code,
-                                who.tenant if who is not None else None)
-        cache = gate.cache
-        if cache is not None and (cache.hits or cache.misses):
-            gate.metrics.on_cache(cache.hits, cache.misses)
-            cache.hits = cache.misses = 0
-    return response
+
+
+api.add_middleware(_GateMiddleware)  # added last: the outer of the two
 
 
 def principal(request: Request) -> Principal:
@@ -268,6 +282,17 @@ class _Gate:
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
         self.cache = cache
+
+    def count(self, scope, status: int, who: Principal | None) -> None:
+        """One answer in the request metrics (and the response cache's hits since the last)."""
+        if self.metrics is None:
+            return
+        route = scope.get("route")
+        self.metrics.on_request(getattr(route, "path", "unmatched"), status, who.tenant if who is not None else None)
+        cache = self.cache
+        if cache is not None and (cache.hits or cache.misses):
+            self.metrics.on_cache(cache.hits, cache.misses)
+            cache.hits = cache.misses = 0
 
     def body_limit(self, path: str) -> int:
         """Bytes a request body may have: uploads get their file cap plus room for the multipart framing."""

@@ -42,6 +42,18 @@ def h(who: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[who]}"}
 
 
+def test_the_router_middleware_is_plain_asgi():
+    """A streamed token passes the gate and the body cap as one ``send`` call: no Starlette BaseHTTPMiddleware
+    (``@app.middleware("http")``), which relays every chunk through a memory stream read by another task."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from llmaas.deployments.router import api
+
+    names = [m.cls.__name__ for m in api.user_middleware]
+    assert names == ["_GateMiddleware", "_BodyCap"]  # outermost first: the gate answers before a body is read
+    assert not any(issubclass(m.cls, BaseHTTPMiddleware) for m in api.user_middleware)
+
+
 def test_every_route_but_health_needs_a_key(auth_url):
     spec = httpx.get(f"{auth_url}/openapi.json", headers=h("admin"), timeout=30).json()  # every FastAPI route
     routes = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops] + [("GET", "/openapi.json"),
