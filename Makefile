@@ -25,9 +25,10 @@ browser:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
 	fi
 
+# The proxy reaches the Router over gRPC, taking answers up to 512 MiB (deployments/config.py PROXY_ENV_VARS).
 serve: setup
 	$(VENV)/bin/llmaas prepare
-	$(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_PROXY_USE_GRPC=1 RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=536870912 $(VENV)/bin/serve run serve_config.yaml
 
 test: setup browser
 	$(PY) -m pytest -q --durations=25 tests

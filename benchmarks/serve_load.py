@@ -17,6 +17,8 @@ Three paths, each at every --concurrency level:
   the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured;
 - with --serve-defaults, a second app, the same but its replicas on Serve's default threading (SERVE_ENV_VARS
   back at Serve's defaults: user code and handle routers each on a thread of their own): what those cost.
+Serve's proxy reaches the Router over gRPC, as `make serve` starts it (PROXY_ENV_VARS); one Ray has one proxy, so
+what that saves is two runs: ``RAY_SERVE_PROXY_USE_GRPC=0 python -m ...`` measures Ray's object path instead.
 Each Serve path also reports the CPU Serve's HTTP proxy and its Router and model replicas spent per output token
 (from /proc through psutil; the model replica's includes the model), a figure far less noisy on a shared box than
 tok/s.
@@ -265,7 +267,7 @@ def main() -> None:
 
     from llmaas.app.model_source import load_model, resolve_model
     from llmaas.deployments.builder import build_app
-    from llmaas.deployments.config import AppConfig
+    from llmaas.deployments.config import PROXY_ENV_VARS, AppConfig
     from llmaas.engine import AsyncLLMEngine, LLMEngine, openmp
 
     top = max(args.concurrency)
@@ -280,6 +282,8 @@ def main() -> None:
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
     apps = 1 + args.metering_cost + (args.stream_interval_ms is not None) + args.serve_defaults
+    for name, value in PROXY_ENV_VARS.items():  # Serve's proxy as `make serve` starts it, unless told otherwise
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=max(4, 1 + 2 * apps), include_dashboard=False, log_to_driver=False)  # each app asks for 1.2 CPUs
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(app_args), name="bench", route_prefix="/")

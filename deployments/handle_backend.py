@@ -45,7 +45,8 @@ class HandleBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Streams the model stage's deltas; leaving early (stop string, client gone, deadline) cancels the call,
         which aborts the engine request."""
-        gen = self.llm.options(stream=True).generate.remote(request)
+        # by value over the replica's gRPC channel: each delta is one message, not a Ray object (see PROXY_ENV_VARS)
+        gen = self.llm.options(stream=True, _by_reference=False).generate.remote(request)
         done = False
         try:
             async for delta in gen:

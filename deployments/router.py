@@ -19,6 +19,7 @@ import ray
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from grpc.aio import AioRpcError
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
@@ -152,6 +153,7 @@ class _GateMiddleware:
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 if (budget := getattr(state, "budget", None)) is not None:  # a route may have charged more
                     headers.update(budget_headers(budget))
@@ -236,6 +238,9 @@ def _as_api_error(exc: BaseException) -> APIError | None:
         return inner
     if isinstance(inner, RayActorError):  # the model replica running this request died (node lost, OOM, kill)
         return ServiceUnavailable("the model replica running this request died; retry", code="replica_died")
+    if isinstance(inner, AioRpcError):  # its gRPC stream broke: the replica went away or was reset
+        return ServiceUnavailable(f"the model replica running this request went away ({inner.code().name}); retry",
+                                  code="replica_died")
     if type(inner).__name__ == "BackPressureError":  # a downstream deployment's queue is full
         return ServiceUnavailable("the model stage is overloaded; retry shortly")
     if isinstance(inner, StorageUnavailable):  # the bucket (or its endpoint) is down: nothing was changed

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from llmaas.deployments.config import PROXY_ENV_VARS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def serve_run(config: dict, tmp: Path, url: str, verify: bool | str = True, timeout_s: float = 600) -> Iterator[None]:
     """Runs ``serve run`` on ``config`` (written to ``tmp``) until ``url``/v1/models answers 200; stops it after."""
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **PROXY_ENV_VARS}  # as `make serve`
     log = (tmp / "serve.log").open("w")
     serve_bin = Path(sys.executable).parent / "serve"
     proc = subprocess.Popen([str(serve_bin), "run", str(tmp / "serve_config.yaml")], cwd=ROOT, env=env,

@@ -89,6 +89,9 @@ def ray_cluster(s3_server, master_key_file):
     import ray
     from ray import serve
 
+    from llmaas.deployments.config import PROXY_ENV_VARS
+
+    os.environ.update(PROXY_ENV_VARS)  # the proxy as `make serve` starts it (its Ray inherits this environment)
     # Logical CPUs: the stages ask for fractions, and two apps (tiny + default model) share the box.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
     port = free_port()

@@ -38,6 +38,18 @@ def test_chat_completion_greedy_equals_transformers(client, tiny_chat_dir, defau
     assert r.usage.total_tokens == len(prompt_ids) + 12
 
 
+def test_an_answer_over_grpcs_default_message_cap_arrives_whole(client):
+    """A whole answer crosses each hop (model stage -> Router -> proxy) as one gRPC message: 8 choices of 300
+    tokens with top-20 logprobs are over gRPC's default 4 MiB, the cap SERVE_ENV_VARS / PROXY_ENV_VARS raise."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-chat", messages=MESSAGES, n=8, max_tokens=300, logprobs=True, top_logprobs=20,
+        extra_body={"ignore_eos": True})
+    assert raw.status_code == 200 and len(raw.http_response.content) > 4 << 20
+    answer = raw.parse()
+    assert [len(c.logprobs.content) for c in answer.choices] == [300] * 8
+    assert all(len(t.top_logprobs) == 20 for c in answer.choices for t in c.logprobs.content)
+
+
 def test_streamed_chat_equals_non_streamed(client):
     kwargs = dict(model="base", messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**kwargs).choices[0].message.content

@@ -57,3 +57,20 @@ def test_replicas_run_with_the_serve_settings(serve_app):
         env = ray.get(ray.get_actor(replica["name"], namespace=replica["namespace"]).__ray_call__.remote(
             lambda self, keys=tuple(SERVE_ENV_VARS): {k: __import__("os").environ.get(k) for k in keys}))
         assert env == SERVE_ENV_VARS, role
+
+
+def test_the_proxy_reaches_replicas_over_grpc_as_make_serve_starts_it(ray_cluster):
+    """`make serve` starts its Ray with PROXY_ENV_VARS; the tests' Ray (and the e2e `serve run`) the same way, so
+    the proxy the tests talk to forwards requests as a user's does."""
+    import ray
+
+    from llmaas.deployments.config import PROXY_ENV_VARS
+
+    serve_line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "serve run" in line)
+    assert all(f"{k}={v}" in serve_line for k, v in PROXY_ENV_VARS.items()), serve_line
+    proxies = [a for a in ray.util.list_named_actors(all_namespaces=True) if "PROXY_ACTOR" in a["name"]]
+    assert proxies
+    for p in proxies:
+        env = ray.get(ray.get_actor(p["name"], namespace=p["namespace"]).__ray_call__.remote(
+            lambda self, keys=tuple(PROXY_ENV_VARS): {k: __import__("os").environ.get(k) for k in keys}))
+        assert env == PROXY_ENV_VARS, p["name"]
