@@ -25,7 +25,8 @@ tok/s.
 --router-work measures what of the Router's CPU per token is its own Python work: ``OpenAIServing``'s streamed
 completion (incremental detokenizing, the stop-string matcher, the chunk models) and the SSE encoding the Router's
 HTTP route does, fed one-token deltas by an in-process backend that costs nothing (no Ray, no model), with and
-without a stop string; prints CPU microseconds per token.
+without a stop string; and what a pass-through middleware around a streaming route costs per chunk, plain ASGI
+(the Router's gate) against Starlette's ``@app.middleware("http")``; prints CPU microseconds per token (chunk).
 --encryption-cost measures something else instead: what a model replica does to load an adapter version
 (``AdapterCache.source`` + ``engine.add_lora``: read, decrypt when sealed, parse, cast) for one
 r16 adapter on every projection of the default model, registered on a clear local root and on an encrypted
@@ -446,7 +447,8 @@ def router_work(args) -> None:
             return (time.process_time() - t) / n * 1e6
         return one_round
 
-    runs = interleave({"no stop strings": side(None), "one stop string": side(["\u2603 never"])}, args.repeats)
+    runs = interleave({"no stop strings": side(None), "one stop string": side(["\u2603 never"]),
+                       **middleware_sides(n)}, args.repeats)
     rows = [{"case": name, "cpu_us_per_token": statistics.median(v), "range": span(v)} for name, v in runs.items()]
     print_table(rows, ["case", "cpu_us_per_token", "range"])
     print(f"{n} one-token deltas per stream; medians of {args.repeats} interleaved rounds after a warm-up round; "
@@ -455,6 +457,73 @@ def router_work(args) -> None:
         path = save("serve_load_router_work", {"args": vars(args), "model": model.served_name, "rows": rows,
                                                "runs_us": runs})
         print(f"saved {path}")
+
+
+def middleware_sides(n: int) -> dict[str, Callable[[int], float]]:
+    """CPU per streamed chunk a pass-through middleware adds, of the two kinds the Router's gate could be: plain
+    ASGI (what it is) and Starlette's ``@app.middleware("http")`` (what it was), each around a FastAPI route that
+    streams ``n`` chunks, driven in process; the rows are the whole route's cost per chunk."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from starlette.datastructures import MutableHeaders
+
+    def app_with(kind: str) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/stream")
+        async def stream():
+            async def body():
+                for i in range(n):
+                    yield f'data: {{"i": {i}}}\n\n'
+            return StreamingResponse(body(), media_type="text/event-stream")
+
+        if kind == "starlette":
+            @app.middleware("http")
+            async def gate(request: Request, call_next):
+                response = await call_next(request)
+                response.headers["x-gate"] = "1"
+                return response
+        else:
+            class Gate:
+                def __init__(self, inner) -> None:
+                    self.inner = inner
+
+                async def __call__(self, scope, receive, send) -> None:
+                    async def send_marked(message) -> None:
+                        if message["type"] == "http.response.start":
+                            MutableHeaders(scope=message)["x-gate"] = "1"
+                        await send(message)
+                    await self.inner(scope, receive, send_marked)
+            app.add_middleware(Gate)
+        return app
+
+    def side(kind: str) -> Callable[[int], float]:
+        app = app_with(kind)
+
+        async def drive() -> int:
+            scope = {"type": "http", "method": "GET", "path": "/stream", "raw_path": b"/stream", "query_string": b"",
+                     "headers": [], "http_version": "1.1", "scheme": "http", "server": ("bench", 80),
+                     "client": ("bench", 1), "root_path": ""}
+            sent = 0
+
+            async def receive():
+                await asyncio.Event().wait()  # the client never sends more (nor leaves)
+
+            async def send(message) -> None:
+                nonlocal sent
+                sent += message["type"] == "http.response.body" and bool(message.get("body"))
+
+            await app(scope, receive, send)
+            return sent
+
+        def one_round(r: int) -> float:
+            t = time.process_time()
+            sent = asyncio.run(drive())
+            assert sent == n, sent
+            return (time.process_time() - t) / n * 1e6
+        return one_round
+
+    return {"route + plain ASGI middleware": side("plain"), "route + @app.middleware('http')": side("starlette")}
 
 
 def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> None:
