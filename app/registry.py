@@ -35,7 +35,6 @@ from llmaas.app.storage import (
     open_storage,
     relative_key,
 )
-from llmaas.engine.lora import AdapterError, check_fits, load_peft_adapter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
 REGISTRY_PREFIX = "registry"  # generation objects registry/<generation>.json (app/documents.py)
@@ -108,6 +107,10 @@ def validate_name(name: str, param: str = "name") -> str:
 
 def check_adapter(src: Path, base: BaseModelInfo) -> int:
     """Validates a PEFT LoRA dir against the base model; returns its rank. Never unpickles anything."""
+    # here, not at the top: the engine brings torch (~1.5 s of imports), which the registry, usage and access
+    # actors (they import this module) would otherwise pay at every start without ever checking an adapter
+    from llmaas.engine.lora import AdapterError, check_fits, load_peft_adapter
+
     try:
         adapter = load_peft_adapter(src, "check", base.num_layers, base.max_rank)
         check_fits(adapter, base.projection_shapes, src)

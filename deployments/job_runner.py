@@ -16,7 +16,6 @@ from llmaas.app.usage import training_record
 from llmaas.deployments.registry_service import actor_name, get_registry_service
 from llmaas.deployments.usage_service import get_usage_service
 from llmaas.training.config import FineTuneJob
-from llmaas.training.jobs import cancel_job, run_job
 from llmaas.training.store import TERMINAL, JobRecord, JobStore
 
 
@@ -49,6 +48,10 @@ class RegisterOnSuccess:
 
 
 def _run_job_task(job_json: str, job_id: str, on_success: RegisterOnSuccess) -> str:
+    # here, not at the top: training.jobs brings Ray Train, peft and torch (~4 s of imports on 2 cores), which
+    # every Router replica (it imports this module for the handle) and the runner actor would pay at start
+    from llmaas.training.jobs import run_job
+
     return run_job(FineTuneJob.model_validate_json(job_json), job_id, on_success).status
 
 
@@ -82,6 +85,8 @@ class JobRunner:
     async def cancel(self, job_id: str) -> JobRecord:
         if self.store.get(job_id) is None:
             raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
+        from llmaas.training.jobs import cancel_job  # heavy (see _run_job_task)
+
         # a thread: the graceful stop waits for the task, and the runner keeps answering meanwhile
         return await asyncio.to_thread(cancel_job, self.store, job_id, self.refs.pop(job_id, None))
 

@@ -18,15 +18,18 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
 from llmaas.app.errors import APIError, ServiceUnavailable, unwrap
-from llmaas.app.protocol import Usage
 from llmaas.app.rate_limit import Budget, RateLimiter, RateLimitSettings
 from llmaas.app.usage import GroupKey, UsageLedger, UsageRecord, inference_record
 from llmaas.deployments.metrics import RouterMetrics
 from llmaas.deployments.registry_service import actor_name
+
+if TYPE_CHECKING:  # a type only: app.protocol brings torch (~1.5 s), which the usage and job actors never use
+    from llmaas.app.protocol import Usage
 
 logger = logging.getLogger("ray.serve")
 
