@@ -37,7 +37,7 @@ def serve_run(config: dict, tmp: Path, url: str, verify: bool | str = True, time
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, f"not up after {timeout_s} s: {(tmp / 'serve.log').read_text()[-3000:]}"
-            time.sleep(2)
+            time.sleep(0.25)
         yield
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it: Serve and the Ray it started go down

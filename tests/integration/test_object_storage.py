@@ -64,7 +64,7 @@ def test_upload_finetune_serve_restart_all_on_object_storage(s3_app, ray_cluster
     assert storage.read(f"files/{f.id}.jsonl") == rows.encode()  # the upload lives in the bucket
 
     job = client.fine_tuning.jobs.create(model="base", training_file=f.id, suffix="s3mood",
-                                         hyperparameters={"n_epochs": 1, "batch_size": 4},
+                                         hyperparameters={"n_epochs": 1, "batch_size": 8},
                                          extra_body={"llmaas": {"max_length": 128, "checkpoint_every_steps": 2,
                                                                 "eval": {"metrics": ["loss"]}}})
     done = wait_for(client, job.id, timeout=400)

@@ -1,7 +1,8 @@
 """The CUDA path's decode step, as a CUDA graph captures it (engine/cuda_graphs.py), traced by dynamo over 6
-steps of growing context (every block table grows by a block on the way): one graph, no breaks (``fullgraph=True``), no recompiles, with a float base and with
-an int4 one whose projections run the quantized GEMM op. The kernels are custom ops
-(opaque to dynamo) running in Triton's interpreter; ``backend="eager"`` runs the traced graph as is."""
+steps of growing context (every block table grows by a block on the way): one graph, no breaks
+(``fullgraph=True``), no recompiles, with a float base and with an int4 one whose projections run the quantized
+GEMM op. The kernels are custom ops (opaque to dynamo) running in Triton's interpreter; ``backend="eager"``
+runs the traced graph as is."""
 from __future__ import annotations
 
 import pytest
