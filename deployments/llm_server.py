@@ -50,7 +50,8 @@ class AdapterLease:
         self.metrics.adapter_events.inc(1, {"event": "evict"})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
+                  graceful_shutdown_wait_loop_s=0.5)  # see Router's
 class LLMServer:
     def __init__(self, config: AppConfig) -> None:
         if config.engine.torch_threads:

@@ -315,7 +315,9 @@ def _parse(model: type[BaseModel], request: BaseModel | dict) -> Any:
                              param=_loc_param(tuple(first["loc"]))) from None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
+# graceful_shutdown_wait_loop_s: a stopping replica looks for requests still in flight this often (Serve: every
+# 2 s, which every delete, redeploy and scale-down waited out at least once)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(api)
 class Router:
     def __init__(self, tokenizer: DeploymentHandle, llm: DeploymentHandle, config: AppConfig) -> None:

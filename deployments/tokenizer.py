@@ -12,7 +12,7 @@ from llmaas.app.protocol import ChatMessage, Tool
 from llmaas.deployments.config import AppConfig
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_wait_loop_s=0.5)  # see Router's
 class Tokenizer:
     def __init__(self, config: AppConfig) -> None:
         model = resolve_model(config.model)
