@@ -68,6 +68,11 @@ class EngineSettings(BaseModel):
                             "multi-LoRA), the CUDA path, which needs block_size a power of two >= 16; 'torch': "
                             "torch ops over the same fused weights with a gathered attention, the CPU path. "
                             "'auto': triton on CUDA where triton is installed, torch elsewhere.")
+    burst_gather_ms: float = Field(
+        0.0, ge=0, le=100, description="When requests wake an idle model replica, it waits until none has come for "
+                                       "this long (at most 8 times it) before its first step, so a burst starts as "
+                                       "one prefill step rather than the first request alone while the rest wait "
+                                       "for it; a lone request pays it once. 0: step at once.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 

@@ -5,6 +5,7 @@
     python -m llmaas.benchmarks.serve_load --encryption-cost   # adapter load, encrypted root vs clear root
     python -m llmaas.benchmarks.serve_load --model-source tiny --stream-interval-ms 50   # + batched deltas
     python -m llmaas.benchmarks.serve_load --model-source tiny --serve-defaults   # + Serve's default threading
+    python -m llmaas.benchmarks.serve_load --concurrency 8 --burst-gather-ms 10   # + an idle engine gathers bursts
     python -m llmaas.benchmarks.serve_load --router-work   # the Router's own Python work per streamed token
 
 Three paths, each at every --concurrency level:
@@ -15,6 +16,8 @@ Three paths, each at every --concurrency level:
 - with --stream-interval-ms MS, a second app, the same but ``stream_interval_ms: MS`` (the model stage batches a
   stream's deltas): what the per-message cost of the hops is. ``--model-source tiny`` (a tiny random model with
   the default tokenizer) makes steps take a few ms, as on a GPU, so the hops' cost is what is measured;
+- with --burst-gather-ms MS, a second app, the same but ``engine.burst_gather_ms: MS`` (an idle model replica
+  waits for the rest of a burst before its first step): what that does to TTFT and tok/s;
 - with --serve-defaults, a second app, the same but its replicas on Serve's default threading (SERVE_ENV_VARS
   back at Serve's defaults: user code and handle routers each on a thread of their own): what those cost.
 Serve's proxy reaches the Router over gRPC, as `make serve` starts it (PROXY_ENV_VARS); one Ray has one proxy, so
@@ -78,6 +81,10 @@ SERVE_DEFAULTS = "serve, Serve's default threading"
 
 def batched(ms: float) -> str:
     return f"serve, stream_interval_ms {ms:g}"
+
+
+def gathered(ms: float) -> str:
+    return f"serve, burst_gather_ms {ms:g}"
 
 
 def with_serve_defaults(config):
@@ -247,6 +254,8 @@ def main() -> None:
                         help="instead: adapter load time on an encrypted root vs a clear one")
     parser.add_argument("--stream-interval-ms", type=float, default=None,
                         help="also serve an app with this stream_interval_ms and report it against the default")
+    parser.add_argument("--burst-gather-ms", type=float, default=None,
+                        help="also serve an app with this engine.burst_gather_ms and report it against the default")
     parser.add_argument("--serve-defaults", action="store_true",
                         help="also serve the app on Serve's default threading and report it against ours")
     parser.add_argument("--router-work", action="store_true",
@@ -282,7 +291,8 @@ def main() -> None:
     # The Serve path (proxy -> Router (tokenizes) -> LLMServer (streaming handle) -> SSE), and the same engine
     # config twice in this process (the async front and the bare engine each step their own); all stay loaded
     # so their rounds can alternate.
-    apps = 1 + args.metering_cost + (args.stream_interval_ms is not None) + args.serve_defaults
+    apps = 1 + args.metering_cost + (args.stream_interval_ms is not None) + (args.burst_gather_ms is not None) \
+        + args.serve_defaults
     for name, value in PROXY_ENV_VARS.items():  # Serve's proxy as `make serve` starts it, unless told otherwise
         os.environ.setdefault(name, value)
     ray.init(num_cpus=max(4, 1 + 2 * apps), include_dashboard=False, log_to_driver=False)  # each app asks for 1.2 CPUs
@@ -294,6 +304,9 @@ def main() -> None:
     if args.stream_interval_ms is not None:
         serve.run(build_app({**app_args, "stream_interval_ms": args.stream_interval_ms}), name="bench-batched",
                   route_prefix="/batched")
+    if args.burst_gather_ms is not None:
+        serve.run(build_app({**app_args, "engine": {**app_args["engine"], "burst_gather_ms": args.burst_gather_ms}}),
+                  name="bench-gather", route_prefix="/gather")
     if args.serve_defaults:
         serve.run(with_serve_defaults(config), name="bench-defaults", route_prefix="/defaults")
     url = f"http://127.0.0.1:{args.port}"
@@ -340,6 +353,9 @@ def main() -> None:
             if args.stream_interval_ms is not None:
                 paths[batched(args.stream_interval_ms)] = side(lambda *a: run_http(f"{url}/batched", "base", *a), c,
                                                                lambda: None, "bench-batched")
+            if args.burst_gather_ms is not None:
+                paths[gathered(args.burst_gather_ms)] = side(lambda *a: run_http(f"{url}/gather", "base", *a), c,
+                                                             lambda: None, "bench-gather")
             if args.serve_defaults:
                 paths[SERVE_DEFAULTS] = side(lambda *a: run_http(f"{url}/defaults", "base", *a), c, lambda: None,
                                              "bench-defaults")
@@ -543,6 +559,10 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
             other = level[batched(args.stream_interval_ms)]
             ratios[c]["batched_over_engine_tok_s"] = other["output_tok_s"] / engine_["output_tok_s"]
             ratios[c]["batched_minus_engine_ttft_p50_ms"] = other["ttft_p50_ms"] - engine_["ttft_p50_ms"]
+        if args.burst_gather_ms is not None:
+            other = level[gathered(args.burst_gather_ms)]
+            ratios[c]["gathered_over_engine_tok_s"] = other["output_tok_s"] / engine_["output_tok_s"]
+            ratios[c]["gathered_minus_engine_ttft_p50_ms"] = other["ttft_p50_ms"] - engine_["ttft_p50_ms"]
         if args.serve_defaults:
             plain = level[SERVE_DEFAULTS]
             ratios[c]["ours_over_serve_defaults_tok_s"] = serve_["output_tok_s"] / plain["output_tok_s"]
@@ -564,6 +584,9 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
                if "metering_on_over_off_tok_s" in ratio else "") +
               (f"  batched serve / in-process {ratio['batched_over_engine_tok_s']:.3f}, TTFT p50 "
                f"{ratio['batched_minus_engine_ttft_p50_ms']:+.1f} ms" if "batched_over_engine_tok_s" in ratio else "") +
+              (f"  gathered serve / in-process {ratio['gathered_over_engine_tok_s']:.3f}, TTFT p50 "
+               f"{ratio['gathered_minus_engine_ttft_p50_ms']:+.1f} ms" if "gathered_over_engine_tok_s" in ratio
+               else "") +
               (f"  ours / Serve's default threading: tok/s {ratio['ours_over_serve_defaults_tok_s']:.3f}, Router CPU "
                f"per token {ratio['ours_over_serve_defaults_router_cpu']:.3f}, model replica CPU per token "
                f"{ratio['ours_over_serve_defaults_model_cpu']:.3f}" if "ours_over_serve_defaults_tok_s" in ratio
@@ -572,6 +595,7 @@ def report(runs: dict[int, dict[str, list[dict]]], args, model_name: str) -> Non
     if not args.no_save:
         name = "serve_load_metering" if args.metering_cost else \
             "serve_load_stream_interval" if args.stream_interval_ms is not None else \
+            "serve_load_burst_gather" if args.burst_gather_ms is not None else \
             "serve_load_serve_defaults" if args.serve_defaults else "serve_load"
         path = save(name, {"args": vars(args), "model": model_name, "rows": rows, "ratios": ratios,
                            "errors": dict(errors), "rounds": runs})

@@ -59,7 +59,7 @@ class LLMServer:
         model = resolve_model(config.model)
         self.model_path, self.eos_token_ids = model.path, model.eos_token_ids
         engine = LLMEngine(load_model(model.path), model.engine_config(config.engine))
-        self.engine = AsyncLLMEngine(engine)
+        self.engine = AsyncLLMEngine(engine, gather_s=config.engine.burst_gather_ms / 1e3)
         self.registry = Registry(config.open_storage())
         self.adapters = AdapterCache(self.registry.storage, Path(tempfile.mkdtemp(prefix="llmaas-adapters-")),
                                      int(config.adapter_cache_mb * (1 << 20)))

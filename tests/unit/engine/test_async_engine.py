@@ -17,9 +17,9 @@ def model():
     return tiny_llama(seed=0)
 
 
-def make(model) -> AsyncLLMEngine:
+def make(model, gather_s: float = 0.0) -> AsyncLLMEngine:
     return AsyncLLMEngine(LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64,
-                                                                        block_size=8)))
+                                                                        block_size=8)), gather_s=gather_s)
 
 
 async def all_freed(engine: AsyncLLMEngine, timeout_s: float = 4.0) -> bool:
@@ -192,3 +192,37 @@ def test_a_second_event_loop_gets_an_error_not_a_hang(model):
     with pytest.raises(RuntimeError, match="event loop it started on"):
         asyncio.run(asyncio.wait_for(second(), 30))
     engine.shutdown()
+
+
+@pytest.mark.parametrize("gather_s", [0.0, 0.2])
+def test_an_idle_engine_gathers_a_burst_into_its_first_step(model, gather_s):
+    """Four requests 50 ms apart wake an idle engine: without gathering the first prefill runs without the
+    last (it waits for a later step); gathering 200 ms gaps, all four are in the first step. Either way each
+    request's tokens are what offline generate gives."""
+    prompts = [[1, 2, 3 + i] for i in range(4)]
+    expected = LLMEngine(copy.deepcopy(model), EngineConfig(max_model_len=256, num_kv_blocks=64)).generate(
+        prompts, PARAMS)
+    engine = make(model, gather_s)
+    steps: list[set[str]] = []
+    step = engine.engine.step
+
+    def recorded_step():  # the real step; which requests each one ran
+        outputs = step()
+        steps.append({o.request_id for o in outputs})
+        return outputs
+
+    engine.engine.step = recorded_step
+
+    async def one(i: int) -> list[int]:
+        await asyncio.sleep(0.05 * i)
+        return [t async for out in engine.generate(f"r{i}", prompts[i], PARAMS) for t in out.new_token_ids]
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 60)
+
+    assert asyncio.run(main()) == expected
+    engine.shutdown()
+    if gather_s:
+        assert steps[0] == {"r0", "r1", "r2", "r3"}, steps[:4]
+    else:
+        assert "r0" in steps[0] and "r3" not in steps[0], steps[:4]
