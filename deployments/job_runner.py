@@ -48,11 +48,17 @@ class RegisterOnSuccess:
 
 
 def _run_job_task(job_json: str, job_id: str, on_success: RegisterOnSuccess) -> str:
-    # here, not at the top: training.jobs brings Ray Train, peft and torch (~4 s of imports on 2 cores), which
+    # here, not at the top: training.jobs brings Ray Train and peft (~4 s of imports on 2 cores), which
     # every Router replica (it imports this module for the handle) and the runner actor would pay at start
     from llmaas.training.jobs import run_job
 
     return run_job(FineTuneJob.model_validate_json(job_json), job_id, on_success).status
+
+
+def _cancel_job(store: JobStore, job_id: str, ref: ray.ObjectRef | None) -> JobRecord:
+    from llmaas.training.jobs import cancel_job  # heavy (see _run_job_task): here, on the thread, off the loop
+
+    return cancel_job(store, job_id, ref)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -85,10 +91,8 @@ class JobRunner:
     async def cancel(self, job_id: str) -> JobRecord:
         if self.store.get(job_id) is None:
             raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
-        from llmaas.training.jobs import cancel_job  # heavy (see _run_job_task)
-
         # a thread: the graceful stop waits for the task, and the runner keeps answering meanwhile
-        return await asyncio.to_thread(cancel_job, self.store, job_id, self.refs.pop(job_id, None))
+        return await asyncio.to_thread(_cancel_job, self.store, job_id, self.refs.pop(job_id, None))
 
     def running(self) -> list[str]:
         ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=0) if self.refs else ([], [])

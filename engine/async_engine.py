@@ -219,7 +219,7 @@ class AsyncLLMEngine:
         for _ in range(MAX_GATHER_GAPS if seen else 0):
             time.sleep(self.gather_s)
             now = self._pending_adds()
-            if now == seen or self._stopped:
+            if now == seen or now >= self.engine.config.max_num_seqs or self._stopped:  # no more, or a full step
                 return
             seen = now
 

@@ -29,7 +29,7 @@ def wait_for(client, job_id: str, timeout: float = 300) -> object:
         job = client.fine_tuning.jobs.retrieve(job_id)
         if job.status in ("succeeded", "failed", "cancelled"):
             return job
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 

@@ -15,9 +15,9 @@ def test_import_contracts_are_kept():
     assert "0 broken" in result.stdout
 
 
-def loaded_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:
-    """Which of ``heavy`` a fresh interpreter has loaded after importing ``module``."""
-    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+def loaded_after_import(modules: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules`` (comma-separated)."""
+    code = f"import sys, {modules}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.split()
@@ -27,6 +27,6 @@ def test_the_per_root_actors_and_the_router_start_without_what_they_never_run():
     """Every app start (and every Router replica an autoscaler adds) imports these modules in a fresh process:
     the registry, usage and access actors used to import torch (~1.5 s on 2 cores) for a type and an adapter
     check, and the Router Ray Train + peft (~3 s) for the job runner's handle; an app deploy took ~15 CPU-s more."""
-    for module in ("registry_service", "usage_service", "access_service"):
-        assert loaded_after_import(f"llmaas.deployments.{module}", ("torch",)) == [], module
+    actors = ", ".join(f"llmaas.deployments.{m}" for m in ("registry_service", "usage_service", "access_service"))
+    assert loaded_after_import(actors, ("torch",)) == []
     assert loaded_after_import("llmaas.deployments.router", ("peft", "ray.train", "llmaas.training.jobs")) == []

@@ -114,15 +114,17 @@ def reader():
 
 
 def made_by_this_converter(checkpoint: Path) -> bool:
-    """make's rule: the checkpoint was converted after app/model_source.py, transformers and gguf last changed
-    (a fresh clone set up by `make setup`, which converts last), so a conversion now would give the same."""
+    """make's rule: the checkpoint was converted after app/model_source.py, transformers, gguf and the GGUF file
+    itself last changed (on a fresh machine: by this session's first ``default_model_dir()``), so a conversion now
+    would give the same. A cache another checkout converted later also counts: [cached] checks what it holds."""
     import gguf
     import transformers
 
     from llmaas.app import model_source
 
     made = (checkpoint / "config.json").stat().st_mtime
-    return made > max(Path(m.__file__).stat().st_mtime for m in (model_source, transformers, gguf))
+    inputs = [Path(m.__file__) for m in (model_source, transformers, gguf)] + [Path(gguf_path())]
+    return made > max(p.stat().st_mtime for p in inputs)
 
 
 @pytest.fixture(scope="module", params=["fresh", "cached"])

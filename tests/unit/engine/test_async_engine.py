@@ -218,6 +218,7 @@ def test_an_idle_engine_gathers_a_burst_into_its_first_step(model, gather_s):
         return [t async for out in engine.generate(f"r{i}", prompts[i], PARAMS) for t in out.new_token_ids]
 
     async def main():
+        await engine.call(lambda: None)  # the engine thread is up and idle (a call is not a burst)
         return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 60)
 
     assert asyncio.run(main()) == expected

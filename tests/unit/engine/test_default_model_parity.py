@@ -186,14 +186,20 @@ def test_bf16_answers_the_readme_question_as_fp32_does_but_at_its_near_tie(defau
     fp32 puts "The" only 0.08 nats above "L", inside bf16's error, and which side bf16 lands on is the CPU's
     kernels' rounding ("The" on a 2-core AMD EPYC; "L" on a 2-core Xeon without AVX512-BF16, where ``auto``
     takes fp32 since bf16 is slower there). So in every compute dtype and weight format: each pick is fp32's
-    argmax (fp32 teacher-forced on the run's own tokens) or within a near tie of it, and once on fp32's first
-    token the answer is fp32's."""
+    argmax (fp32 teacher-forced on the run's own tokens) or within a near tie of it, the first token's top two are
+    no tie (bf16-rounded logits were), and once on fp32's first token the answer is fp32's."""
     prompt = list(default_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
         return_dict=False))
     for quantization in ("none", "int8"):
         engine = LLMEngine(load_hf(default_model_dir, torch.float32), EngineConfig(
             max_model_len=256, num_kv_blocks=16, dtype=torch.bfloat16, max_loras=0, quantization=quantization))
+        engine.add_request("first", prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=2))
+        firsts = []
+        while engine.has_unfinished():
+            firsts += engine.step()
+        (_, top), (_, runner_up) = firsts[-1].logprobs[0].top[:2]
+        assert top != runner_up, (quantization, firsts[-1].logprobs[0])  # the old failure: a bf16-rounded tie
         (out,) = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
         with torch.no_grad():
             logits = hf_fp32(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float()  # [12, V]
