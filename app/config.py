@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmaas.engine import EngineConfig
+from llmaas.engine.async_engine import MAX_GATHER_GAPS
 from llmaas.engine.dtype_probe import fastest_cpu_dtype, fastest_quantized_dtype
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ class EngineSettings(BaseModel):
                             "'auto': triton on CUDA where triton is installed, torch elsewhere.")
     burst_gather_ms: float = Field(
         0.0, ge=0, le=100, description="When requests wake an idle model replica, it waits until none has come for "
-                                       "this long (at most 8 times it) before its first step, so a burst starts as "
-                                       "one prefill step rather than the first request alone while the rest wait "
-                                       "for it; a lone request pays it once. 0: step at once.")
+                                       f"this long (at most {MAX_GATHER_GAPS} times it) before its first step, so a "
+                                       "burst starts as one prefill step rather than the first request alone while "
+                                       "the rest wait for it; a lone request pays it once. 0: step at once.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads in the model replica; default: all cores of the node.")
 

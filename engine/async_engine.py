@@ -215,8 +215,10 @@ class AsyncLLMEngine:
     def _gather(self) -> None:
         """The engine is idle and was woken: while requests keep coming, each within gather_s of the last, wait
         (the next pass admits them all into one step). A wake without a request (an abort, a call) waits not."""
-        seen = self._pending_adds() if self.gather_s > 0 else 0
-        for _ in range(MAX_GATHER_GAPS if seen else 0):
+        seen = self._pending_adds()
+        if self.gather_s <= 0 or seen == 0:
+            return
+        for _ in range(MAX_GATHER_GAPS):
             time.sleep(self.gather_s)
             now = self._pending_adds()
             if now == seen or now >= self.engine.config.max_num_seqs or self._stopped:  # no more, or a full step
